@@ -1,0 +1,158 @@
+"""Meta update rules: update log step sizes ``β = log α`` from the meta-gradient ``z``.
+
+A meta rule works elementwise on ``β`` (one entry per block, or parameter-shaped for per-weight
+step sizes) and never touches parameters. ``z > 0`` means the gradient is aligned with past
+updates (overshooting), so every rule lowers ``β`` when ``z > 0``.
+
+``update`` is functional: it returns the new ``β`` and new state tensors, and the optimizer
+keeps the old values wherever a block was not active or the step was not finite.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from metaoptimize._validation import check_betas
+
+__all__ = ["META_RULES", "MetaRule", "get_meta_rule"]
+
+MetaState = dict[str, Tensor]
+
+
+class MetaRule:
+    """Interface of a meta rule."""
+
+    name: ClassVar[str]
+    #: Default ``meta_betas``; None when the rule takes none.
+    default_betas: ClassVar[tuple[float, ...] | None] = None
+
+    def __init__(self, meta_lr: float, betas: tuple[float, ...] | None, eps: float) -> None:
+        self.meta_lr = meta_lr
+        self.betas = betas
+        self.eps = eps
+
+    @property
+    def active(self) -> bool:
+        """Whether this rule can ever move β (False for "fixed" or a zero meta step size)."""
+        return self.meta_lr > 0.0
+
+    def init_state(self, beta: Tensor) -> MetaState:
+        """Zero state shaped like ``beta``."""
+        return {}
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
+        """Return ``(new β, new state)``; inputs are not modified."""
+        raise NotImplementedError
+
+
+class Fixed(MetaRule):
+    """No meta update: the step sizes stay at ``alpha0`` (times the group's ``lr``)."""
+
+    name = "fixed"
+
+    @property
+    def active(self) -> bool:  # noqa: D102
+        return False
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+        return beta, state
+
+
+class SGD(MetaRule):
+    """``β ← β - η z`` (paper eq. 24)."""
+
+    name = "sgd"
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+        return beta - self.meta_lr * z, state
+
+
+class RMSprop(MetaRule):
+    """``v ← λ v + (1-λ) z²``, ``β ← β - η z / (sqrt(v/(1-λ^t)) + ε)`` (released code's form)."""
+
+    name = "rmsprop"
+    default_betas = (0.999,)
+
+    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+        return {"step": torch.zeros_like(beta), "square_avg": torch.zeros_like(beta)}
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+        assert self.betas is not None
+        (smoothing,) = self.betas
+        step = state["step"] + 1.0
+        square_avg = state["square_avg"].lerp(z * z, 1.0 - smoothing)
+        rms = (square_avg / (1.0 - torch.pow(smoothing, step))).sqrt()
+        new_beta = beta - self.meta_lr * z / (rms + self.eps)
+        return new_beta, {"step": step, "square_avg": square_avg}
+
+
+class Adam(MetaRule):
+    """Standard bias-corrected Adam on β (paper eq. 27 with EMA moments)."""
+
+    name = "adam"
+    default_betas = (0.9, 0.999)
+
+    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+        zeros = torch.zeros_like(beta)
+        return {"step": zeros, "exp_avg": zeros.clone(), "exp_avg_sq": zeros.clone()}
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+        assert self.betas is not None
+        beta1, beta2 = self.betas
+        step = state["step"] + 1.0
+        exp_avg = state["exp_avg"].lerp(z, 1.0 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].lerp(z * z, 1.0 - beta2)
+        m_hat = exp_avg / (1.0 - torch.pow(beta1, step))
+        rms = (exp_avg_sq / (1.0 - torch.pow(beta2, step))).sqrt()
+        new_beta = beta - self.meta_lr * m_hat / (rms + self.eps)
+        return new_beta, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+class Lion(MetaRule):
+    """``β ← β - η sign(c m + (1-c) z)``, then ``m ← ρ m + (1-ρ) z`` (paper eq. 36-37).
+
+    ``meta_betas = (c, ρ)``, default ``(0.9, 0.99)``: the same order as Lion's own betas.
+    """
+
+    name = "lion"
+    default_betas = (0.9, 0.99)
+
+    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+        return {"exp_avg": torch.zeros_like(beta)}
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+        assert self.betas is not None
+        c, rho = self.betas
+        exp_avg = state["exp_avg"]
+        new_beta = beta - self.meta_lr * exp_avg.lerp(z, 1.0 - c).sign()
+        return new_beta, {"exp_avg": exp_avg.lerp(z, 1.0 - rho)}
+
+
+META_RULES: dict[str, type[MetaRule]] = {
+    rule.name: rule for rule in (Fixed, SGD, RMSprop, Adam, Lion)
+}
+
+
+def get_meta_rule(
+    name: str, meta_lr: float, betas: tuple[float, ...] | None, eps: float
+) -> MetaRule:
+    """Build the meta rule ``name`` with validated hyperparameters.
+
+    Raises:
+        ValueError: unknown ``name`` or wrong ``meta_betas``.
+    """
+    if name not in META_RULES:
+        raise ValueError(f"Invalid meta: {name!r}; choose one of {sorted(META_RULES)}")
+    rule_cls = META_RULES[name]
+    expected = rule_cls.default_betas
+    if betas is None:
+        betas = expected
+    elif expected is None:
+        raise ValueError(f"Invalid meta_betas: {betas!r}; meta {name!r} takes no betas")
+    else:
+        betas = check_betas(betas, len(expected), "meta_betas")
+    return rule_cls(meta_lr, betas, eps)
+

@@ -1,0 +1,499 @@
+"""The :class:`MetaOptimize` optimizer: Hessian-free MetaOptimize as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from metaoptimize._validation import check_betas, check_number, check_range
+from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
+from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
+from metaoptimize.meta import MetaRule, get_meta_rule
+
+__all__ = ["MetaOptimize"]
+
+FORMAT_VERSION = 1
+_BASE_STYLES = ("torch", "paper")
+_META_PREFIX = "meta_"
+
+
+class MetaOptimize(Optimizer):
+    r"""A first-order optimizer whose step sizes are learned online (Hessian-free MetaOptimize).
+
+    Per step, for every parameter ``w`` with gradient ``g`` in block ``b``
+    (docs/math.md gives the derivations and the symbol table):
+
+    .. math::
+        \begin{aligned}
+        z_b &= \textstyle\sum_{i \in b} h_i\, g_i
+              && \text{meta-gradient, trace before this step}\\
+        \alpha &= \text{lr} \cdot e^{\beta_b} && \text{learned step size times the group's lr}\\
+        \Delta w &= -\alpha\,(u + \kappa w) \ \text{or}\ -\alpha\, u(g + \kappa w)
+              && \text{base step (decoupled or L2 decay)}\\
+        h &\leftarrow \gamma\,(1 - \alpha\kappa\,\partial u/\partial \tilde g)\, h + \Delta w
+              && \text{Hessian-free trace}\\
+        w &\leftarrow w + \Delta w, \qquad \beta_b \leftarrow \text{Meta}(\beta_b, z_b)
+        \end{aligned}
+
+    ``u`` is the base rule's direction (SGD, SGDm, RMSProp, Adam, AdamW or Lion). A positive
+    ``z`` (the gradient points along past updates: overshooting) lowers the step size.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer (named
+            parameters give named blocks in :meth:`step_sizes`).
+        base: base rule: ``"sgd"``, ``"sgdm"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
+            ``"lion"``.
+        meta: meta rule on ``β = log α``: ``"fixed"``, ``"sgd"``, ``"rmsprop"``, ``"adam"``,
+            ``"lion"``.
+        alpha0: initial step size (per group allowed); with ``meta="fixed"`` this is the
+            learning rate of the base optimizer.
+        meta_lr: meta step size ``η``; 0 freezes the step sizes.
+        gamma: trace discount ``γ`` in [0, 1] (per group allowed). 0 is hypergradient descent.
+        blocks: step-size granularity: ``"scalar"``, ``"group"``, ``"tensor"``
+            (``"layerwise"``), ``"weight"``, or a list / dict of parameter lists.
+        lr: multiplier on the learned step size (default 1.0), for lr schedulers.
+        weight_decay: ``κ``; decoupled for adamw/lion (and ``base_style="paper"``), L2 otherwise,
+            exactly as the torch.optim counterpart.
+        betas: the base rule's betas: adam/adamw ``(0.9, 0.999)``, lion ``(0.9, 0.99)``,
+            rmsprop ``(0.99,)`` (torch's ``alpha``). sgd and sgdm take none.
+        momentum: sgdm momentum (default 0.9) or rmsprop momentum (default 0).
+        dampening: sgdm dampening, as torch.optim.SGD.
+        nesterov: sgdm Nesterov momentum, as torch.optim.SGD.
+        centered: centered RMSProp, as torch.optim.RMSprop.
+        eps: the base rule's epsilon (adam/adamw/rmsprop).
+        base_style: ``"torch"`` (default) or ``"paper"``: the paper's lagged EMA momentum for
+            sgdm and bias-corrected RMSProp, both with decoupled weight decay.
+        meta_betas: meta rule betas: adam ``(0.9, 0.999)``, lion ``(c, ρ) = (0.9, 0.99)``,
+            rmsprop ``(0.999,)``.
+        meta_eps: epsilon of the adam and rmsprop meta rules.
+        alpha_min: optional lower bound on every learned step size.
+        alpha_max: optional upper bound on every learned step size.
+
+    A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
+    any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
+    ``step()`` never synchronises with the host.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = MetaOptimize(model.parameters(), base="adamw", meta="lion", alpha0=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> _ = opt.step()
+        >>> sorted(opt.step_sizes())
+        ['all']
+
+    References:
+        Sharifnassab, Salehkaleybar, Sutton, "MetaOptimize: A Framework for Optimizing Step
+        Sizes and Other Meta-parameters", ICML 2025. https://arxiv.org/abs/2402.02342
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        base: str = "adamw",
+        meta: str = "lion",
+        *,
+        alpha0: float = 1e-6,
+        meta_lr: float = 1e-3,
+        gamma: float = 1.0,
+        blocks: BlocksSpec = "scalar",
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, ...] | None = None,
+        momentum: float | None = None,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        centered: bool = False,
+        eps: float = 1e-8,
+        base_style: str = "torch",
+        meta_betas: tuple[float, ...] | None = None,
+        meta_eps: float = 1e-8,
+        alpha_min: float | None = None,
+        alpha_max: float | None = None,
+    ) -> None:
+        if not isinstance(base, str):
+            raise TypeError(f"Invalid base: {base!r}; expected a rule name")
+        if not isinstance(meta, str):
+            raise TypeError(f"Invalid meta: {meta!r}; expected a rule name")
+        self._base: BaseRule = get_base_rule(base)
+        meta_lr = check_number(meta_lr, "meta_lr")
+        if meta_lr < 0.0:
+            raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+        meta_eps = check_number(meta_eps, "meta_eps")
+        if meta_eps < 0.0:
+            raise ValueError(f"Invalid meta_eps: {meta_eps}; need meta_eps >= 0")
+        self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
+        self._log_bounds = _log_bounds(alpha_min, alpha_max)
+        self._blocks_spec = blocks
+        self._layout: BlockLayout | None = None
+        defaults = {
+            "lr": lr,
+            "alpha0": alpha0,
+            "gamma": gamma,
+            "weight_decay": weight_decay,
+            "betas": betas,
+            "momentum": momentum,
+            "dampening": dampening,
+            "nesterov": nesterov,
+            "centered": centered,
+            "eps": eps,
+            "base_style": base_style,
+        }
+        super().__init__(params, defaults)
+        first = self.param_groups[0]["params"][0]
+        self._home = first.device
+        self._beta_dtype = _promoted_state_dtype(self.param_groups)
+        self._log_alpha = torch.empty(0, dtype=self._beta_dtype, device=self._home)
+        self._meta_state = self._meta.init_state(self._log_alpha)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
+        self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._grow_blocks()
+
+    # ------------------------------------------------------------------ param groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters are validated and completed.
+
+        With ``blocks`` "group", "tensor" or "weight" the new parameters get new blocks
+        (initialised at the group's ``alpha0``); with "scalar" they join the single block.
+
+        Raises:
+            ValueError: a hyperparameter is invalid, or ``blocks`` was an explicit list.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._complete_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        if self._layout is not None:
+            if not isinstance(self._blocks_spec, str):
+                self.param_groups.pop()
+                raise ValueError(
+                    "Invalid blocks: explicit blocks cannot grow; pass every parameter at "
+                    "construction or use a mode name"
+                )
+            self._grow_blocks()
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        base = self._base
+        group["lr"] = check_number(group["lr"], "lr")
+        if group["lr"] < 0.0:
+            raise ValueError(f"Invalid lr: {group['lr']}; need lr >= 0")
+        group["alpha0"] = check_range(group["alpha0"], "alpha0", 0.0, math.inf, low_open=True,
+                                      high_open=True)
+        group["gamma"] = check_range(group["gamma"], "gamma", 0.0, 1.0)
+        group["weight_decay"] = check_number(group["weight_decay"], "weight_decay")
+        if group["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay: {group['weight_decay']}; need >= 0")
+        group["eps"] = check_number(group["eps"], "eps")
+        if group["eps"] < 0.0:
+            raise ValueError(f"Invalid eps: {group['eps']}; need eps >= 0")
+        if group["base_style"] not in _BASE_STYLES:
+            raise ValueError(
+                f"Invalid base_style: {group['base_style']!r}; choose one of {list(_BASE_STYLES)}"
+            )
+        if base.default_betas is None:
+            if group["betas"] is not None:
+                raise ValueError(f"Invalid betas: {group['betas']!r}; base {base.name!r} takes "
+                                 "no betas (use momentum)")
+        elif group["betas"] is None:
+            group["betas"] = base.default_betas
+        else:
+            group["betas"] = check_betas(group["betas"], len(base.default_betas), "betas")
+        if group["momentum"] is None:
+            group["momentum"] = base.default_momentum if base.default_momentum is not None else 0.0
+        group["momentum"] = check_number(group["momentum"], "momentum")
+        group["dampening"] = check_number(group["dampening"], "dampening")
+        for flag in ("nesterov", "centered"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: {group[flag]!r}; expected a bool")
+        base.check_group(group)
+        bounds = self._log_bounds
+        log_alpha0 = math.log(group["alpha0"])
+        if not bounds[0] <= log_alpha0 <= bounds[1]:
+            raise ValueError(f"Invalid alpha0: {group['alpha0']}; outside [alpha_min, alpha_max]")
+
+    def _grow_blocks(self) -> None:
+        """(Re)build the layout and give new blocks their initial step sizes."""
+        layout = build_layout(self._blocks_spec, self.param_groups)
+        old = self._layout
+        if old is not None and old.block_of_param != layout.block_of_param[: len(
+                old.block_of_param)]:
+            raise ValueError("Invalid blocks: the new param group changes existing blocks")
+        self._layout = layout
+        if layout.per_weight:
+            return
+        alpha0_of_block: dict[int, float] = {}
+        params_group = [g for g in self.param_groups for _ in g["params"]]
+        for block, group in zip(layout.block_of_param, params_group, strict=True):
+            seen = alpha0_of_block.setdefault(block, group["alpha0"])
+            if seen != group["alpha0"]:
+                raise ValueError(
+                    f"Invalid alpha0: block {layout.names[block]!r} spans param groups with "
+                    f"different alpha0 ({seen} and {group['alpha0']})"
+                )
+        current = self._log_alpha.numel()
+        new = [math.log(alpha0_of_block[b]) for b in range(current, layout.num_blocks)]
+        if not new:
+            return
+        extra = torch.tensor(new, dtype=self._beta_dtype, device=self._home)
+        self._log_alpha = torch.cat([self._log_alpha, extra])
+        fresh = self._meta.init_state(extra)
+        self._meta_state = {
+            key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh
+        }
+        self._index_cache.clear()
+
+    # ------------------------------------------------------------------ public helpers
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The step-size block layout."""
+        assert self._layout is not None
+        return self._layout
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Number of steps skipped because a gradient or meta-gradient was not finite."""
+        return self._skipped
+
+    def step_sizes(self) -> dict[str, Tensor]:
+        """Current learned step sizes ``α = exp(β)`` by block, in block order.
+
+        Block-level modes give 0-d tensors; ``blocks="weight"`` gives parameter-shaped tensors.
+        The group's ``lr`` multiplier is not included. Reading the values (``.item()``) is the
+        caller's choice; this method itself does not synchronise.
+        """
+        layout = self.layout
+        if not layout.per_weight:
+            alpha = self._log_alpha.exp()
+            return {name: alpha[index] for index, name in enumerate(layout.names)}
+        result: dict[str, Tensor] = {}
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for name, (p, group) in zip(layout.names, params, strict=True):
+            state = self.state.get(p)
+            if state and "log_alpha" in state:
+                result[name] = state["log_alpha"].exp()
+            else:
+                result[name] = torch.full_like(p, group["alpha0"], dtype=state_dtype(p))
+        return result
+
+    # ------------------------------------------------------------------ the step
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state.update(self._base.init_state(p, group))
+        if self._meta.active:
+            state["trace"] = torch.zeros_like(p, dtype=state_dtype(p),
+                                              memory_format=torch.preserve_format)
+        if self.layout.per_weight:
+            log_alpha = torch.full_like(p, math.log(group["alpha0"]), dtype=state_dtype(p))
+            state["log_alpha"] = log_alpha
+            for key, value in self._meta.init_state(log_alpha).items():
+                state[_META_PREFIX + key] = value
+
+    def _block_indices(self, blocks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Device tensors for the active params' block ids and the active-block mask (cached)."""
+        cached = self._index_cache.get(blocks)
+        if cached is None:
+            index = torch.tensor(blocks, dtype=torch.int64, device=self._home)
+            mask = torch.zeros(self.layout.num_blocks, dtype=torch.bool, device=self._home)
+            mask[index] = True
+            cached = (index, mask)
+            self._index_cache[blocks] = cached
+        return cached
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it is
+                run with gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layout = self.layout
+        entries: list[tuple[dict[str, Any], Tensor, Tensor, dict[str, Any], int]] = []
+        position = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                block = layout.block_of_param[position]
+                position += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MetaOptimize does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group, state)
+                grad = p.grad.to(state_dtype(p))
+                entries.append((group, p, grad, state, block))
+        if not entries:
+            return loss
+
+        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
+        meta_active = self._meta.active
+        z_block: Tensor | None = None
+        z_weight: list[Tensor] = []
+        if not meta_active:
+            flags = [torch.isfinite(g).all().to(self._home) for _, _, g, _, _ in entries]
+        elif layout.per_weight:
+            z_weight = [state["trace"] * g for _, _, g, state, _ in entries]
+            flags = [torch.isfinite(z).all().to(self._home) for z in z_weight]
+        else:
+            partials = torch.stack([
+                torch.dot(state["trace"].flatten(), g.flatten()).to(self._home, self._beta_dtype)
+                for _, _, g, state, _ in entries
+            ])
+            index, _ = self._block_indices(tuple(e[4] for e in entries))
+            z_block = torch.zeros_like(self._log_alpha).index_add_(0, index, partials)
+            flags = [torch.isfinite(z_block).all()]
+        finite = torch.stack(flags).all() if len(flags) > 1 else flags[0]
+
+        # 2. Base step and trace update, all with α_t.
+        alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
+        flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        for group, p, grad, state, block in entries:
+            key = (grad.device, grad.dtype)
+            if key not in flag_cache:
+                on_device = finite.to(grad.device)
+                flag_cache[key] = (on_device, on_device.to(grad.dtype))
+            finite_here, ok = flag_cache[key]
+            grad = torch.where(finite_here, grad, 0.0)
+            u, slope = self._base.direction(p, grad, state, group, ok)
+            scale = ok * group["lr"]
+            if alpha_blocks is None:
+                alpha = state["log_alpha"].exp().mul_(scale)
+            else:
+                alpha = alpha_blocks[block].to(grad.device, grad.dtype) * scale
+            kappa = group["weight_decay"]
+            decoupled = is_decoupled(self._base, group)
+            if decoupled and kappa:
+                delta = u.add(p.to(u.dtype), alpha=kappa).mul_(-alpha)
+            else:
+                delta = u * (-alpha)
+            if meta_active:
+                trace = state["trace"]
+                gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
+                if kappa:
+                    # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
+                    decay = 1.0 - alpha * (kappa if decoupled else kappa * cast(Tensor, slope))
+                    trace.mul_(gamma * decay)
+                else:
+                    trace.mul_(gamma)
+                trace.add_(delta)
+            p.add_(delta.to(p.dtype))
+
+        # 3. Meta step on β = log α (after the weight step, as in the paper).
+        if meta_active:
+            if z_block is not None:
+                _, active = self._block_indices(tuple(e[4] for e in entries))
+                self._meta_step(self._log_alpha, z_block, self._meta_state, active & finite)
+            else:
+                for (_, _, _, state, _), z in zip(entries, z_weight, strict=True):
+                    meta_state = {k[len(_META_PREFIX):]: v for k, v in state.items()
+                                  if k.startswith(_META_PREFIX)}
+                    self._meta_step(state["log_alpha"], z, meta_state, finite.to(z.device))
+        self._skipped.add_((~finite).to(torch.int64))
+        return loss
+
+    def _meta_step(self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor],
+                   keep_new: Tensor) -> None:
+        """Apply the meta rule where ``keep_new`` holds; update tensors in place."""
+        new_log_alpha, new_state = self._meta.update(log_alpha, z, meta_state)
+        low, high = self._log_bounds
+        if low > -math.inf or high < math.inf:
+            new_log_alpha = new_log_alpha.clamp(low, high)
+        log_alpha.copy_(torch.where(keep_new, new_log_alpha, log_alpha))
+        for key, value in new_state.items():
+            meta_state[key].copy_(torch.where(keep_new, value, meta_state[key]))
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state as in ``torch.optim``, plus a ``"metaoptimize"`` entry.
+
+        The extra entry holds the format version, the base and meta rule names, the block
+        layout, the block-level log step sizes and meta state, and the skipped-step count.
+        """
+        state_dict = super().state_dict()
+        state_dict["metaoptimize"] = {
+            "format_version": FORMAT_VERSION,
+            "base": self._base.name,
+            "meta": self._meta.name,
+            "blocks": self.layout.signature(),
+            "log_alpha": self._log_alpha.clone(),
+            "meta_state": {k: v.clone() for k, v in self._meta_state.items()},
+            "skipped_steps": self._skipped.clone(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`; tensors keep their saved dtype.
+
+        Raises:
+            ValueError: the state dict is not a MetaOptimize one, or was saved with another
+                base rule, meta rule or block layout.
+        """
+        state_dict = dict(state_dict)
+        section = state_dict.pop("metaoptimize", None)
+        if not isinstance(section, dict):
+            raise ValueError("Invalid state_dict: no 'metaoptimize' entry; it was not saved by "
+                             "MetaOptimize")
+        version = section.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"Invalid state_dict: format_version {version!r} is not supported "
+                             f"(expected {FORMAT_VERSION})")
+        for what, mine in (("base", self._base.name), ("meta", self._meta.name)):
+            if section[what] != mine:
+                raise ValueError(f"Invalid state_dict: saved with {what}={section[what]!r}, but "
+                                 f"this optimizer uses {what}={mine!r}")
+        if section["blocks"] != self.layout.signature():
+            raise ValueError(f"Invalid state_dict: saved with block layout {section['blocks']!r}"
+                             f", but this optimizer has {self.layout.signature()!r}")
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; MetaOptimize keeps the saved
+        # dtype (e.g. float32 log step sizes for bfloat16 parameters) and copies every tensor.
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved_state.items():
+            p = params[index]
+            self.state[p] = {
+                key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
+                for key, value in values.items()
+            }
+        self._log_alpha.copy_(section["log_alpha"])
+        for key, value in self._meta_state.items():
+            value.copy_(section["meta_state"][key])
+        self._skipped.copy_(section["skipped_steps"])
+
+
+def _log_bounds(alpha_min: float | None, alpha_max: float | None) -> tuple[float, float]:
+    low, high = -math.inf, math.inf
+    if alpha_min is not None:
+        low = math.log(check_range(alpha_min, "alpha_min", 0.0, math.inf, low_open=True))
+    if alpha_max is not None:
+        high = math.log(check_range(alpha_max, "alpha_max", 0.0, math.inf, low_open=True))
+    if low >= high:
+        raise ValueError(f"Invalid alpha_min/alpha_max: need alpha_min < alpha_max, got "
+                         f"{alpha_min} and {alpha_max}")
+    return low, high
+
+
+def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
+    dtype = torch.float32
+    for group in param_groups:
+        for p in group["params"]:
+            dtype = torch.promote_types(dtype, state_dtype(p))
+    return dtype
