@@ -153,7 +153,7 @@ class SGDMomentum(BaseRule):
         g = _l2(grad, param, kappa)
         step = state["step"]
         # torch.optim.SGD starts the buffer at g̃ (no dampening on the first step).
-        coef = torch.where(step == 0, 1.0, 1.0 - group["dampening"]).to(step.dtype)
+        coef = 1.0 - group["dampening"] * (step > 0).to(step.dtype)
         buf.mul_(1.0 + ok * (mu - 1.0)).add_(g * (ok * coef))
         step.add_(ok)
         if group["nesterov"]:

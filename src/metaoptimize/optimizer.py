@@ -236,7 +236,8 @@ class MetaOptimize(Optimizer):
             if seen != group["alpha0"]:
                 raise ValueError(
                     f"Invalid alpha0: block {layout.names[block]!r} spans param groups with "
-                    f"different alpha0 ({seen} and {group['alpha0']})"
+                    f"different alpha0 ({seen} and {group['alpha0']}); use blocks='group' or "
+                    "'tensor', or one alpha0 with a different lr multiplier per group"
                 )
         current = self._log_alpha.numel()
         new = [math.log(alpha0_of_block[b]) for b in range(current, layout.num_blocks)]

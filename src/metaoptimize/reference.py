@@ -167,9 +167,11 @@ class ReferenceMetaOptimize:
         dtype = self.params[0].dtype
         alpha0_elem = torch.cat([torch.full((n,), self.group_of[i]["alpha0"], dtype=dtype)
                                  for i, n in enumerate(sizes)])
-        # β_b = log alpha0 of the block's parameters.
+        # β_b = log alpha0 of the block's parameters (which must agree within a block).
         self.log_alpha = torch.zeros(num_blocks, dtype=dtype).index_copy_(
             0, self.element_block, alpha0_elem.log())
+        if not torch.equal(self.log_alpha[self.element_block], alpha0_elem.log()):
+            raise ValueError("Invalid alpha0: a block spans groups with different alpha0")
         self.meta_state = {k: torch.zeros(num_blocks, dtype=dtype) for k in ("m", "v", "t")}
         self.trace = [torch.zeros_like(p) for p in self.params]
         self.base_state: list[dict[str, Tensor]] = [{} for _ in self.params]
