@@ -41,13 +41,19 @@ class Case:
         return 0.5 if self.meta == "sgd" else 0.02
 
     def kwargs(self) -> dict[str, Any]:
-        return {"base": self.base, "meta": self.meta, "alpha0": 0.02, "meta_lr": self.meta_lr,
-                "gamma": self.gamma, "weight_decay": self.weight_decay, **self.extra}
+        return {
+            "base": self.base,
+            "meta": self.meta,
+            "alpha0": 0.02,
+            "meta_lr": self.meta_lr,
+            "gamma": self.gamma,
+            "weight_decay": self.weight_decay,
+            **self.extra,
+        }
 
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.extra.items())
-        return (f"{self.base}[{extra}]-{self.meta}-{self.blocks}-g{self.gamma}"
-                f"-wd{self.weight_decay}")
+        return f"{self.base}[{extra}]-{self.meta}-{self.blocks}-g{self.gamma}-wd{self.weight_decay}"
 
 
 def _cases() -> list[Case]:

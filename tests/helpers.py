@@ -43,13 +43,21 @@ def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return (model(x) - y).square().mean()
 
 
-def two_groups(model: TinyNet, first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"params": list(model.hidden.parameters()), **first},
-            {"params": list(model.out.parameters()), **second}]
+def two_groups(
+    model: TinyNet, first: dict[str, Any], second: dict[str, Any]
+) -> list[dict[str, Any]]:
+    return [
+        {"params": list(model.hidden.parameters()), **first},
+        {"params": list(model.out.parameters()), **second},
+    ]
 
 
-def train(model: nn.Module, opt: Any, data: Sequence[tuple[Tensor, Tensor]],
-          on_step: Callable[[int], None] | None = None) -> None:
+def train(
+    model: nn.Module,
+    opt: Any,
+    data: Sequence[tuple[Tensor, Tensor]],
+    on_step: Callable[[int], None] | None = None,
+) -> None:
     for index, batch in enumerate(data):
         for p in model.parameters():
             p.grad = None
@@ -77,8 +85,13 @@ def flat_step_sizes(opt: Any) -> Tensor:
 class PlainLion(torch.optim.Optimizer):
     """Lion exactly as in Chen et al. 2023 (Algorithm 2), for the meta-off oracle."""
 
-    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     @torch.no_grad()

@@ -9,16 +9,22 @@ from typing import Any
 
 import pytest
 import torch
+
 from cases import CASES, Case
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn, train
-
 from metaoptimize import MetaOptimize, presets
 
 RESUME_COMBOS = [
     {"base": "adamw", "meta": "lion", "blocks": "scalar", "weight_decay": 0.1},
     {"base": "sgdm", "meta": "adam", "blocks": "weight", "nesterov": True},
-    {"base": "rmsprop", "meta": "rmsprop", "blocks": "tensor", "centered": True,
-     "momentum": 0.5, "weight_decay": 0.01},
+    {
+        "base": "rmsprop",
+        "meta": "rmsprop",
+        "blocks": "tensor",
+        "centered": True,
+        "momentum": 0.5,
+        "weight_decay": 0.01,
+    },
     {"base": "lion", "meta": "sgd", "blocks": "group", "meta_lr": 0.5},
     {"base": "adam", "meta": "fixed", "blocks": "scalar"},
     {"base": "sgd", "meta": "adam", "blocks": "tensor", "gamma": 0.9, "alpha_max": 0.05},
@@ -26,8 +32,10 @@ RESUME_COMBOS = [
 
 
 def _groups(model: TinyNet) -> list[dict[str, Any]]:
-    return [{"params": list(model.hidden.parameters())},
-            {"params": list(model.out.parameters()), "lr": 0.5}]
+    return [
+        {"params": list(model.hidden.parameters())},
+        {"params": list(model.out.parameters()), "lr": 0.5},
+    ]
 
 
 @pytest.mark.parametrize("kwargs", RESUME_COMBOS, ids=lambda k: f"{k['base']}-{k['meta']}")
@@ -55,9 +63,12 @@ def test_resume_is_bitwise_identical(kwargs: dict[str, Any]) -> None:
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(flat_step_sizes(uninterrupted), flat_step_sizes(resumed_opt))
-    assert not torch.equal(flat_step_sizes(resumed_opt),
-                           torch.full_like(flat_step_sizes(resumed_opt), 0.01)) or \
-        kwargs["meta"] == "fixed"
+    assert (
+        not torch.equal(
+            flat_step_sizes(resumed_opt), torch.full_like(flat_step_sizes(resumed_opt), 0.01)
+        )
+        or kwargs["meta"] == "fixed"
+    )
 
 
 def test_loaded_state_is_a_copy() -> None:
@@ -80,8 +91,9 @@ def test_loaded_state_is_a_copy() -> None:
         ({"blocks": "tensor"}, r"saved with block layout"),
     ],
 )
-def test_state_dict_from_another_configuration_is_rejected(change: dict[str, Any],
-                                                           pattern: str) -> None:
+def test_state_dict_from_another_configuration_is_rejected(
+    change: dict[str, Any], pattern: str
+) -> None:
     model = TinyNet()
     opt = MetaOptimize(model.parameters(), base="adamw", meta="lion")
     train(model, opt, batches(2))
@@ -126,8 +138,11 @@ ERROR_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"base": "sgd", "momentum": 0.9}, ValueError, r"Invalid momentum: 0\.9; base 'sgd'"),
     ({"base": "adam", "centered": True}, ValueError, r"Invalid centered"),
     ({"base": "sgdm", "nesterov": 1}, TypeError, r"Invalid nesterov: 1"),
-    ({"base": "rmsprop", "base_style": "paper", "momentum": 0.5}, ValueError,
-     r"Invalid momentum/centered"),
+    (
+        {"base": "rmsprop", "base_style": "paper", "momentum": 0.5},
+        ValueError,
+        r"Invalid momentum/centered",
+    ),
     ({"base_style": "keras"}, ValueError, r"Invalid base_style: 'keras'"),
     ({"meta": "adam", "meta_betas": (0.9,)}, ValueError, r"Invalid meta_betas"),
     ({"meta": "sgd", "meta_betas": (0.9,)}, ValueError, r"Invalid meta_betas.*takes no betas"),
@@ -138,10 +153,12 @@ ERROR_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "error", "pattern"), ERROR_CASES,
-                         ids=[str(c[0]) for c in ERROR_CASES])
-def test_invalid_arguments_raise_naming_the_argument(kwargs: dict[str, Any],
-                                                     error: type[Exception], pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"), ERROR_CASES, ids=[str(c[0]) for c in ERROR_CASES]
+)
+def test_invalid_arguments_raise_naming_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], pattern: str
+) -> None:
     with pytest.raises(error, match=pattern):
         MetaOptimize(TinyNet().parameters(), **kwargs)
 
@@ -157,14 +174,23 @@ def test_invalid_group_value_is_rejected_and_not_added() -> None:
 def test_scalar_block_rejects_groups_with_different_alpha0() -> None:
     model = TinyNet()
     with pytest.raises(ValueError, match=r"spans param groups with different alpha0"):
-        MetaOptimize([{"params": list(model.hidden.parameters()), "alpha0": 0.1},
-                      {"params": list(model.out.parameters()), "alpha0": 0.2}])
+        MetaOptimize(
+            [
+                {"params": list(model.hidden.parameters()), "alpha0": 0.1},
+                {"params": list(model.out.parameters()), "alpha0": 0.2},
+            ]
+        )
 
 
 def test_add_param_group_grows_blocks() -> None:
     model = TinyNet()
-    opt = MetaOptimize([{"params": list(model.hidden.parameters())}], blocks="group",
-                       meta="adam", alpha0=0.01, meta_lr=0.05)
+    opt = MetaOptimize(
+        [{"params": list(model.hidden.parameters())}],
+        blocks="group",
+        meta="adam",
+        alpha0=0.01,
+        meta_lr=0.05,
+    )
     train(model, opt, batches(3))
     first = opt.step_sizes()["group0"].clone()
     opt.add_param_group({"params": list(model.out.parameters()), "alpha0": 0.2})
@@ -211,6 +237,7 @@ def test_step_without_any_gradient_is_a_no_op() -> None:
 @contextlib.contextmanager
 def _forbid_host_sync() -> Iterator[None]:
     """Make every Python-level way of reading a tensor value raise."""
+
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("host synchronisation inside step()")
 
@@ -248,8 +275,7 @@ def test_forbid_host_sync_would_catch_a_sync() -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kwargs", RESUME_COMBOS, ids=lambda k: f"{k['base']}-{k['meta']}")
-def test_non_finite_step_changes_nothing_and_is_counted(kwargs: dict[str, Any],
-                                                        bad: float) -> None:
+def test_non_finite_step_changes_nothing_and_is_counted(kwargs: dict[str, Any], bad: float) -> None:
     kwargs = {"alpha0": 0.01, "meta_lr": 0.05, **kwargs}
     data = batches(8)
     clean_model = TinyNet()
@@ -289,8 +315,16 @@ def test_non_finite_first_step_leaves_fresh_state() -> None:
 
 def test_step_size_bounds_are_enforced() -> None:
     model = TinyNet()
-    opt = MetaOptimize(model.parameters(), base="sgd", meta="sgd", meta_lr=1e3, alpha0=0.01,
-                       alpha_min=5e-3, alpha_max=2e-2, blocks="weight")
+    opt = MetaOptimize(
+        model.parameters(),
+        base="sgd",
+        meta="sgd",
+        meta_lr=1e3,
+        alpha0=0.01,
+        alpha_min=5e-3,
+        alpha_max=2e-2,
+        blocks="weight",
+    )
     seen_low = seen_high = False
     for batch in batches(30):
         opt.zero_grad()
@@ -309,7 +343,7 @@ def test_lr_scheduler_composes_as_a_multiplier() -> None:
     """A LambdaLR on MetaOptimize(meta fixed) equals the same schedule on torch.optim.Adam."""
     model = TinyNet()
     twin = clone_model(model)
-    schedule = lambda step: 1.0 / (1 + step)  # noqa: E731
+    schedule = lambda step: 1.0 / (1 + step)
     ours = MetaOptimize(model.parameters(), base="adam", meta="fixed", alpha0=0.01)
     theirs = torch.optim.Adam(twin.parameters(), lr=0.01)
     ours_sched = torch.optim.lr_scheduler.LambdaLR(ours, schedule)
@@ -370,12 +404,31 @@ def test_every_preset_builds_and_steps(name: str) -> None:
 
 def test_paper_presets_carry_the_paper_settings() -> None:
     row = presets.get("cifar10-lion-lion")
-    assert row == {"base": "lion", "betas": (0.9, 0.99), "weight_decay": 0.1, "meta": "lion",
-                   "meta_betas": (0.9, 0.99), "meta_lr": 1e-3, "alpha0": 1e-6, "gamma": 1.0,
-                   "blocks": "scalar"}
+    assert row == {
+        "base": "lion",
+        "betas": (0.9, 0.99),
+        "weight_decay": 0.1,
+        "meta": "lion",
+        "meta_betas": (0.9, 0.99),
+        "meta_lr": 1e-3,
+        "alpha0": 1e-6,
+        "gamma": 1.0,
+        "blocks": "scalar",
+    }
     assert presets.get("continual-adamw-adam")["gamma"] == 0.999
     assert presets.get("imagenet-sgdm-lion")["alpha0"] == 1e-5
     assert presets.get("hypergradient-sgd")["gamma"] == 0.0
     assert presets.get("idbd")["blocks"] == "weight"
     with pytest.raises(ValueError, match=r"Invalid preset: 'nope'"):
         presets.get("nope")
+
+
+def test_state_saved_with_meta_lr_zero_loads_into_an_active_optimizer() -> None:
+    model = TinyNet()
+    frozen = MetaOptimize(model.parameters(), meta="lion", meta_lr=0.0, alpha0=0.01)
+    train(model, frozen, batches(3))
+    assert all("trace" not in s for s in frozen.state.values())
+    active = MetaOptimize(model.parameters(), meta="lion", meta_lr=0.05, alpha0=0.01)
+    active.load_state_dict(frozen.state_dict())
+    train(model, active, batches(5))
+    assert flat_step_sizes(active).item() != pytest.approx(0.01)

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import torch
+
 from cases import CASES, Case
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
-
 from metaoptimize import MetaOptimize, ReferenceMetaOptimize
 
 STEPS = 25
@@ -16,8 +16,10 @@ STEPS = 25
 
 def _groups(model: TinyNet) -> list[dict[str, Any]]:
     # The second group scales the learned step size, so group handling is exercised too.
-    return [{"params": list(model.hidden.parameters())},
-            {"params": list(model.out.parameters()), "lr": 0.5}]
+    return [
+        {"params": list(model.hidden.parameters())},
+        {"params": list(model.out.parameters()), "lr": 0.5},
+    ]
 
 
 def _blocks(case: Case, model: TinyNet) -> Any:
@@ -32,8 +34,9 @@ def test_fast_path_equals_reference(case: Case) -> None:
     fast_model = TinyNet()
     ref_model = clone_model(fast_model)
     fast = MetaOptimize(_groups(fast_model), blocks=_blocks(case, fast_model), **case.kwargs())
-    ref = ReferenceMetaOptimize(_groups(ref_model), blocks=_blocks(case, ref_model),
-                                **case.kwargs())
+    ref = ReferenceMetaOptimize(
+        _groups(ref_model), blocks=_blocks(case, ref_model), **case.kwargs()
+    )
     moved = False
     for batch in batches(STEPS):
         for model, opt in ((fast_model, fast), (ref_model, ref)):

@@ -27,7 +27,12 @@ def check_number(value: object, arg: str) -> float:
 
 
 def check_range(
-    value: object, arg: str, low: float, high: float, *, low_open: bool = False,
+    value: object,
+    arg: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
     high_open: bool = False,
 ) -> float:
     """Return ``value`` as a float inside the interval, or raise naming ``arg``."""

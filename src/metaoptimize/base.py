@@ -100,10 +100,10 @@ class SGD(BaseRule):
     decoupled_weight_decay = False
     unsupported = ("momentum", "dampening", "nesterov", "centered")
 
-    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:  # noqa: D102
+    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:
         return {}
 
-    def direction(  # noqa: D102
+    def direction(
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         kappa = group["weight_decay"]
@@ -123,7 +123,7 @@ class SGDMomentum(BaseRule):
     decoupled_weight_decay = False
     default_momentum = 0.9
 
-    def check_group(self, group: Group) -> None:  # noqa: D102
+    def check_group(self, group: Group) -> None:
         momentum, dampening = group["momentum"], group["dampening"]
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}; base 'sgdm' needs 0 < momentum < 1")
@@ -138,10 +138,10 @@ class SGDMomentum(BaseRule):
         elif group["nesterov"] and dampening != 0.0:
             raise ValueError("Invalid nesterov: Nesterov momentum requires dampening=0")
 
-    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:  # noqa: D102
+    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:
         return {"step": _step(param), "momentum_buffer": _zeros(param)}
 
-    def direction(  # noqa: D102
+    def direction(
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         mu, buf = group["momentum"], state["momentum_buffer"]
@@ -175,7 +175,7 @@ class RMSprop(BaseRule):
     default_betas = (0.99,)
     default_momentum = 0.0
 
-    def check_group(self, group: Group) -> None:  # noqa: D102
+    def check_group(self, group: Group) -> None:
         if group["momentum"] < 0.0 or group["momentum"] >= 1.0:
             raise ValueError(f"Invalid momentum: {group['momentum']}; need 0 <= momentum < 1")
         if group["nesterov"] or group["dampening"] != 0.0:
@@ -186,7 +186,7 @@ class RMSprop(BaseRule):
                 "nor a centered variant"
             )
 
-    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:  # noqa: D102
+    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:
         state = {"step": _step(param), "square_avg": _zeros(param)}
         if group["centered"]:
             state["grad_avg"] = _zeros(param)
@@ -194,7 +194,7 @@ class RMSprop(BaseRule):
             state["momentum_buffer"] = _zeros(param)
         return state
 
-    def direction(  # noqa: D102
+    def direction(
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         (smoothing,) = group["betas"]
@@ -236,10 +236,10 @@ class Adam(BaseRule):
     default_betas = (0.9, 0.999)
     unsupported = ("momentum", "dampening", "nesterov", "centered")
 
-    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:  # noqa: D102
+    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:
         return {"step": _step(param), "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
-    def direction(  # noqa: D102
+    def direction(
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         beta1, beta2 = group["betas"]
@@ -281,10 +281,10 @@ class Lion(BaseRule):
     default_betas = (0.9, 0.99)
     unsupported = ("momentum", "dampening", "nesterov", "centered")
 
-    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:  # noqa: D102
+    def init_state(self, param: Tensor, group: Group) -> dict[str, Tensor]:
         return {"exp_avg": _zeros(param)}
 
-    def direction(  # noqa: D102
+    def direction(
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         beta1, beta2 = group["betas"]

@@ -54,8 +54,11 @@ class BlockLayout:
 
     def signature(self) -> dict[str, Any]:
         """A plain description used to reject state dicts saved with another layout."""
-        return {"mode": self.mode, "names": list(self.names), "block_of_param": list(
-            self.block_of_param)}
+        return {
+            "mode": self.mode,
+            "names": list(self.names),
+            "block_of_param": list(self.block_of_param),
+        }
 
 
 def _param_names(param_groups: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -97,7 +100,7 @@ def _explicit_layout(spec: object, params: list[Tensor]) -> BlockLayout:
     if isinstance(spec, Mapping):
         block_names = [str(k) for k in spec]
         block_lists = list(spec.values())
-    elif isinstance(spec, Sequence) and not isinstance(spec, Tensor):
+    elif isinstance(spec, (list, tuple)):
         block_names = [f"block{i}" for i in range(len(spec))]
         block_lists = list(spec)
     else:
@@ -115,11 +118,13 @@ def _explicit_layout(spec: object, params: list[Tensor]) -> BlockLayout:
             if not isinstance(p, Tensor):
                 raise TypeError(f"Invalid blocks: block {block} holds a {type(p).__name__}")
             if id(p) not in index_of:
-                raise ValueError(f"Invalid blocks: block {block} holds a parameter that is "
-                                 "not in the optimizer")
+                raise ValueError(
+                    f"Invalid blocks: block {block} holds a parameter that is not in the optimizer"
+                )
             if owner[index_of[id(p)]] is not None:
-                raise ValueError(f"Invalid blocks: a parameter appears in more than one block "
-                                 f"(block {block})")
+                raise ValueError(
+                    f"Invalid blocks: a parameter appears in more than one block (block {block})"
+                )
             owner[index_of[id(p)]] = block
             count += 1
         if count == 0:

@@ -54,10 +54,10 @@ class Fixed(MetaRule):
     name = "fixed"
 
     @property
-    def active(self) -> bool:  # noqa: D102
+    def active(self) -> bool:
         return False
 
-    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         return beta, state
 
 
@@ -66,7 +66,7 @@ class SGD(MetaRule):
 
     name = "sgd"
 
-    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         return beta - self.meta_lr * z, state
 
 
@@ -76,10 +76,10 @@ class RMSprop(MetaRule):
     name = "rmsprop"
     default_betas = (0.999,)
 
-    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+    def init_state(self, beta: Tensor) -> MetaState:
         return {"step": torch.zeros_like(beta), "square_avg": torch.zeros_like(beta)}
 
-    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         assert self.betas is not None
         (smoothing,) = self.betas
         step = state["step"] + 1.0
@@ -95,11 +95,11 @@ class Adam(MetaRule):
     name = "adam"
     default_betas = (0.9, 0.999)
 
-    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+    def init_state(self, beta: Tensor) -> MetaState:
         zeros = torch.zeros_like(beta)
         return {"step": zeros, "exp_avg": zeros.clone(), "exp_avg_sq": zeros.clone()}
 
-    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         assert self.betas is not None
         beta1, beta2 = self.betas
         step = state["step"] + 1.0
@@ -120,10 +120,10 @@ class Lion(MetaRule):
     name = "lion"
     default_betas = (0.9, 0.99)
 
-    def init_state(self, beta: Tensor) -> MetaState:  # noqa: D102
+    def init_state(self, beta: Tensor) -> MetaState:
         return {"exp_avg": torch.zeros_like(beta)}
 
-    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:  # noqa: D102
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         assert self.betas is not None
         c, rho = self.betas
         exp_avg = state["exp_avg"]
@@ -155,4 +155,3 @@ def get_meta_rule(
     else:
         betas = check_betas(betas, len(expected), "meta_betas")
     return rule_cls(meta_lr, betas, eps)
-

@@ -185,8 +185,9 @@ class MetaOptimize(Optimizer):
         group["lr"] = check_number(group["lr"], "lr")
         if group["lr"] < 0.0:
             raise ValueError(f"Invalid lr: {group['lr']}; need lr >= 0")
-        group["alpha0"] = check_range(group["alpha0"], "alpha0", 0.0, math.inf, low_open=True,
-                                      high_open=True)
+        group["alpha0"] = check_range(
+            group["alpha0"], "alpha0", 0.0, math.inf, low_open=True, high_open=True
+        )
         group["gamma"] = check_range(group["gamma"], "gamma", 0.0, 1.0)
         group["weight_decay"] = check_number(group["weight_decay"], "weight_decay")
         if group["weight_decay"] < 0.0:
@@ -200,8 +201,10 @@ class MetaOptimize(Optimizer):
             )
         if base.default_betas is None:
             if group["betas"] is not None:
-                raise ValueError(f"Invalid betas: {group['betas']!r}; base {base.name!r} takes "
-                                 "no betas (use momentum)")
+                raise ValueError(
+                    f"Invalid betas: {group['betas']!r}; base {base.name!r} takes "
+                    "no betas (use momentum)"
+                )
         elif group["betas"] is None:
             group["betas"] = base.default_betas
         else:
@@ -223,8 +226,10 @@ class MetaOptimize(Optimizer):
         """(Re)build the layout and give new blocks their initial step sizes."""
         layout = build_layout(self._blocks_spec, self.param_groups)
         old = self._layout
-        if old is not None and old.block_of_param != layout.block_of_param[: len(
-                old.block_of_param)]:
+        if (
+            old is not None
+            and old.block_of_param != layout.block_of_param[: len(old.block_of_param)]
+        ):
             raise ValueError("Invalid blocks: the new param group changes existing blocks")
         self._layout = layout
         if layout.per_weight:
@@ -246,9 +251,7 @@ class MetaOptimize(Optimizer):
         extra = torch.tensor(new, dtype=self._beta_dtype, device=self._home)
         self._log_alpha = torch.cat([self._log_alpha, extra])
         fresh = self._meta.init_state(extra)
-        self._meta_state = {
-            key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh
-        }
+        self._meta_state = {key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh}
         self._index_cache.clear()
 
     # ------------------------------------------------------------------ public helpers
@@ -290,8 +293,9 @@ class MetaOptimize(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state.update(self._base.init_state(p, group))
         if self._meta.active:
-            state["trace"] = torch.zeros_like(p, dtype=state_dtype(p),
-                                              memory_format=torch.preserve_format)
+            state["trace"] = torch.zeros_like(
+                p, dtype=state_dtype(p), memory_format=torch.preserve_format
+            )
         if self.layout.per_weight:
             log_alpha = torch.full_like(p, math.log(group["alpha0"]), dtype=state_dtype(p))
             state["log_alpha"] = log_alpha
@@ -338,6 +342,11 @@ class MetaOptimize(Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, group, state)
+                elif self._meta.active and "trace" not in state:
+                    # Loaded from a run whose meta rule was off: start the trace at zero.
+                    state["trace"] = torch.zeros_like(
+                        p, dtype=state_dtype(p), memory_format=torch.preserve_format
+                    )
                 grad = p.grad.to(state_dtype(p))
                 entries.append((group, p, grad, state, block))
         if not entries:
@@ -353,10 +362,14 @@ class MetaOptimize(Optimizer):
             z_weight = [state["trace"] * g for _, _, g, state, _ in entries]
             flags = [torch.isfinite(z).all().to(self._home) for z in z_weight]
         else:
-            partials = torch.stack([
-                torch.dot(state["trace"].flatten(), g.flatten()).to(self._home, self._beta_dtype)
-                for _, _, g, state, _ in entries
-            ])
+            partials = torch.stack(
+                [
+                    torch.dot(state["trace"].flatten(), g.flatten()).to(
+                        self._home, self._beta_dtype
+                    )
+                    for _, _, g, state, _ in entries
+                ]
+            )
             index, _ = self._block_indices(tuple(e[4] for e in entries))
             z_block = torch.zeros_like(self._log_alpha).index_add_(0, index, partials)
             flags = [torch.isfinite(z_block).all()]
@@ -403,14 +416,18 @@ class MetaOptimize(Optimizer):
                 self._meta_step(self._log_alpha, z_block, self._meta_state, active & finite)
             else:
                 for (_, _, _, state, _), z in zip(entries, z_weight, strict=True):
-                    meta_state = {k[len(_META_PREFIX):]: v for k, v in state.items()
-                                  if k.startswith(_META_PREFIX)}
+                    meta_state = {
+                        k[len(_META_PREFIX) :]: v
+                        for k, v in state.items()
+                        if k.startswith(_META_PREFIX)
+                    }
                     self._meta_step(state["log_alpha"], z, meta_state, finite.to(z.device))
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
-    def _meta_step(self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor],
-                   keep_new: Tensor) -> None:
+    def _meta_step(
+        self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], keep_new: Tensor
+    ) -> None:
         """Apply the meta rule where ``keep_new`` holds; update tensors in place."""
         new_log_alpha, new_state = self._meta.update(log_alpha, z, meta_state)
         low, high = self._log_bounds
@@ -448,21 +465,28 @@ class MetaOptimize(Optimizer):
                 base rule, meta rule or block layout.
         """
         state_dict = dict(state_dict)
-        section = state_dict.pop("metaoptimize", None)
-        if not isinstance(section, dict):
-            raise ValueError("Invalid state_dict: no 'metaoptimize' entry; it was not saved by "
-                             "MetaOptimize")
+        if "metaoptimize" not in state_dict:
+            raise ValueError(
+                "Invalid state_dict: no 'metaoptimize' entry; it was not saved by MetaOptimize"
+            )
+        section: dict[str, Any] = state_dict.pop("metaoptimize")
         version = section.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"Invalid state_dict: format_version {version!r} is not supported "
-                             f"(expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"Invalid state_dict: format_version {version!r} is not supported "
+                f"(expected {FORMAT_VERSION})"
+            )
         for what, mine in (("base", self._base.name), ("meta", self._meta.name)):
             if section[what] != mine:
-                raise ValueError(f"Invalid state_dict: saved with {what}={section[what]!r}, but "
-                                 f"this optimizer uses {what}={mine!r}")
+                raise ValueError(
+                    f"Invalid state_dict: saved with {what}={section[what]!r}, but "
+                    f"this optimizer uses {what}={mine!r}"
+                )
         if section["blocks"] != self.layout.signature():
-            raise ValueError(f"Invalid state_dict: saved with block layout {section['blocks']!r}"
-                             f", but this optimizer has {self.layout.signature()!r}")
+            raise ValueError(
+                f"Invalid state_dict: saved with block layout {section['blocks']!r}"
+                f", but this optimizer has {self.layout.signature()!r}"
+            )
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; MetaOptimize keeps the saved
@@ -487,8 +511,10 @@ def _log_bounds(alpha_min: float | None, alpha_max: float | None) -> tuple[float
     if alpha_max is not None:
         high = math.log(check_range(alpha_max, "alpha_max", 0.0, math.inf, low_open=True))
     if low >= high:
-        raise ValueError(f"Invalid alpha_min/alpha_max: need alpha_min < alpha_max, got "
-                         f"{alpha_min} and {alpha_max}")
+        raise ValueError(
+            f"Invalid alpha_min/alpha_max: need alpha_min < alpha_max, got "
+            f"{alpha_min} and {alpha_max}"
+        )
     return low, high
 
 

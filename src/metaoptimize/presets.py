@@ -36,8 +36,9 @@ _META_ADAM = {"meta": "adam", "meta_betas": (0.9, 0.999), "meta_lr": 1e-3}
 _META_LION = {"meta": "lion", "meta_betas": (0.9, 0.99), "meta_lr": 1e-3}
 
 
-def _paper(base: dict[str, Any], meta: dict[str, Any], alpha0: float,
-           gamma: float = 1.0) -> dict[str, dict[str, Any]]:
+def _paper(
+    base: dict[str, Any], meta: dict[str, Any], alpha0: float, gamma: float = 1.0
+) -> dict[str, dict[str, Any]]:
     scalar = {**base, **meta, "alpha0": alpha0, "gamma": gamma, "blocks": "scalar"}
     return {"scalar": scalar, "blockwise": {**scalar, "blocks": "tensor"}}
 
@@ -65,13 +66,31 @@ def _build() -> dict[str, dict[str, Any]]:
         table[name] = variants["scalar"]
         table[name + "-blockwise"] = variants["blockwise"]
     # IDBD-style (Sutton 1992): per-weight step sizes, SGD base, SGD meta, undiscounted trace.
-    table["idbd"] = {"base": "sgd", "meta": "sgd", "blocks": "weight", "gamma": 1.0,
-                     "meta_lr": 0.1, "alpha0": 1e-2}
+    table["idbd"] = {
+        "base": "sgd",
+        "meta": "sgd",
+        "blocks": "weight",
+        "gamma": 1.0,
+        "meta_lr": 0.1,
+        "alpha0": 1e-2,
+    }
     # Hypergradient descent (Baydin et al. 2018) in log space: γ = 0, SGD meta, one step size.
-    table["hypergradient-sgd"] = {"base": "sgd", "meta": "sgd", "blocks": "scalar",
-                                  "gamma": 0.0, "meta_lr": 0.1, "alpha0": 1e-2}
-    table["hypergradient-adam"] = {"base": "adam", "meta": "sgd", "blocks": "scalar",
-                                   "gamma": 0.0, "meta_lr": 0.1, "alpha0": 1e-3}
+    table["hypergradient-sgd"] = {
+        "base": "sgd",
+        "meta": "sgd",
+        "blocks": "scalar",
+        "gamma": 0.0,
+        "meta_lr": 0.1,
+        "alpha0": 1e-2,
+    }
+    table["hypergradient-adam"] = {
+        "base": "adam",
+        "meta": "sgd",
+        "blocks": "scalar",
+        "gamma": 0.0,
+        "meta_lr": 0.1,
+        "alpha0": 1e-3,
+    }
     return table
 
 
@@ -94,7 +113,8 @@ def get(name: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
-def make(params: Iterable[Tensor] | Iterable[dict[str, Any]], name: str,
-         **overrides: Any) -> MetaOptimize:
+def make(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], name: str, **overrides: Any
+) -> MetaOptimize:
     """Build a :class:`MetaOptimize` from preset ``name``; keyword arguments override it."""
     return MetaOptimize(params, **{**get(name), **overrides})

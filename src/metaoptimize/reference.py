@@ -25,17 +25,30 @@ from torch import Tensor
 __all__ = ["ReferenceMetaOptimize", "reference_base_step"]
 
 _BASE_BETAS: dict[str, tuple[float, ...] | None] = {
-    "sgd": None, "sgdm": None, "rmsprop": (0.99,), "adam": (0.9, 0.999),
-    "adamw": (0.9, 0.999), "lion": (0.9, 0.99),
+    "sgd": None,
+    "sgdm": None,
+    "rmsprop": (0.99,),
+    "adam": (0.9, 0.999),
+    "adamw": (0.9, 0.999),
+    "lion": (0.9, 0.99),
 }
 _BASE_MOMENTUM = {"sgdm": 0.9, "rmsprop": 0.0}
 _META_BETAS: dict[str, tuple[float, ...] | None] = {
-    "fixed": None, "sgd": None, "rmsprop": (0.999,), "adam": (0.9, 0.999), "lion": (0.9, 0.99),
+    "fixed": None,
+    "sgd": None,
+    "rmsprop": (0.999,),
+    "adam": (0.9, 0.999),
+    "lion": (0.9, 0.99),
 }
 
 
 def reference_base_step(
-    base: str, w: Tensor, g: Tensor, state: dict[str, Tensor], t: int, alpha: Tensor,
+    base: str,
+    w: Tensor,
+    g: Tensor,
+    state: dict[str, Tensor],
+    t: int,
+    alpha: Tensor,
     hp: Mapping[str, Any],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One base step written out of place (differentiable in ``w`` and ``alpha``).
@@ -127,19 +140,31 @@ class ReferenceMetaOptimize:
         alpha_max: float | None = None,
         **group_defaults: Any,
     ) -> None:
-        groups = list(params)
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        defaults = {"lr": 1.0, "alpha0": 1e-6, "gamma": 1.0, "weight_decay": 0.0,
-                    "betas": None, "momentum": None, "dampening": 0.0, "nesterov": False,
-                    "centered": False, "eps": 1e-8, "base_style": "torch", **group_defaults}
+        given = list(params)
+        groups: list[dict[str, Any]] = (
+            [{"params": given}] if not isinstance(given[0], dict) else list(given)  # type: ignore[arg-type]
+        )
+        defaults = {
+            "lr": 1.0,
+            "alpha0": 1e-6,
+            "gamma": 1.0,
+            "weight_decay": 0.0,
+            "betas": None,
+            "momentum": None,
+            "dampening": 0.0,
+            "nesterov": False,
+            "centered": False,
+            "eps": 1e-8,
+            "base_style": "torch",
+            **group_defaults,
+        }
         self.groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         for g in self.groups:
             g["betas"] = g["betas"] or _BASE_BETAS[base]
             if g["momentum"] is None:
                 g["momentum"] = _BASE_MOMENTUM.get(base, 0.0)
         self.base, self.meta, self.meta_lr, self.meta_eps = base, meta, meta_lr, meta_eps
-        self.meta_betas = meta_betas or _META_BETAS[meta]
+        self.meta_betas: tuple[float, ...] = meta_betas or _META_BETAS[meta] or ()
         self.log_min = math.log(alpha_min) if alpha_min else -math.inf
         self.log_max = math.log(alpha_max) if alpha_max else math.inf
         self.params = [p for g in self.groups for p in g["params"]]
@@ -160,16 +185,21 @@ class ReferenceMetaOptimize:
         if blocks == "weight":
             self.element_block = torch.arange(sum(sizes))
         else:
-            self.element_block = torch.cat([
-                torch.full((n,), b, dtype=torch.int64) for n, b in zip(sizes, block_of_param,
-                                                                        strict=True)])
+            self.element_block = torch.cat(
+                [
+                    torch.full((n,), b, dtype=torch.int64)
+                    for n, b in zip(sizes, block_of_param, strict=True)
+                ]
+            )
         num_blocks = int(self.element_block.max()) + 1
         dtype = self.params[0].dtype
-        alpha0_elem = torch.cat([torch.full((n,), self.group_of[i]["alpha0"], dtype=dtype)
-                                 for i, n in enumerate(sizes)])
+        alpha0_elem = torch.cat(
+            [torch.full((n,), self.group_of[i]["alpha0"], dtype=dtype) for i, n in enumerate(sizes)]
+        )
         # β_b = log alpha0 of the block's parameters (which must agree within a block).
         self.log_alpha = torch.zeros(num_blocks, dtype=dtype).index_copy_(
-            0, self.element_block, alpha0_elem.log())
+            0, self.element_block, alpha0_elem.log()
+        )
         if not torch.equal(self.log_alpha[self.element_block], alpha0_elem.log()):
             raise ValueError("Invalid alpha0: a block spans groups with different alpha0")
         self.meta_state = {k: torch.zeros(num_blocks, dtype=dtype) for k in ("m", "v", "t")}
@@ -189,12 +219,13 @@ class ReferenceMetaOptimize:
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not active:
             return
-        grads = {i: self.params[i].grad.detach().clone() for i in active}  # type: ignore[union-attr]
+        grads = {i: self.params[i].grad.detach().clone() for i in active}
         # z_b = Σ_{i∈b} h_i g_i with the trace from before this step.
         element_ids = torch.cat([self._elements(i) for i in active])
         products = torch.cat([(self.trace[i] * grads[i]).flatten() for i in active])
-        z = torch.zeros_like(self.log_alpha).index_add_(0, self.element_block[element_ids],
-                                                        products)
+        z = torch.zeros_like(self.log_alpha).index_add_(
+            0, self.element_block[element_ids], products
+        )
         if not all(torch.isfinite(g).all() for g in grads.values()) or not torch.isfinite(z).all():
             self.skipped_steps += 1
             return
@@ -212,8 +243,14 @@ class ReferenceMetaOptimize:
             w = p.detach().clone().requires_grad_(True)
             a = log_alpha.clone().requires_grad_(True)
             w_next, new_state = reference_base_step(
-                self.base, w, g, self.base_state[i], self.steps_taken[i],
-                group["lr"] * torch.exp(a), group)
+                self.base,
+                w,
+                g,
+                self.base_state[i],
+                self.steps_taken[i],
+                group["lr"] * torch.exp(a),
+                group,
+            )
             # The map is elementwise, so the gradient of the sum is the Jacobian's diagonal.
             d_w, d_beta = torch.autograd.grad(w_next.sum(), (w, a))
         self.trace[i] = group["gamma"] * d_w * self.trace[i] + d_beta
@@ -242,6 +279,5 @@ class ReferenceMetaOptimize:
             v_hat = new_v / (1 - lam**new_t)
             new_beta = beta - eta * z / (torch.sqrt(v_hat) + self.meta_eps)
         new_beta = new_beta.clamp(self.log_min, self.log_max)
-        for current, new in ((beta, new_beta), (s["m"], new_m), (s["v"], new_v),
-                             (s["t"], new_t)):
+        for current, new in ((beta, new_beta), (s["m"], new_m), (s["v"], new_v), (s["t"], new_t)):
             current[active_blocks] = new[active_blocks]
