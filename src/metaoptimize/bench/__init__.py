@@ -1,0 +1,1 @@
+"""Benchmark harness: tasks, optimizer registry, runner, suite and reports."""

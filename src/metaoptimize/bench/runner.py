@@ -1,0 +1,316 @@
+"""Run one configuration, or many in worker processes, and keep every finished run on disk.
+
+A run's directory holds ``result.json``: the resolved configuration, seed, package versions,
+metrics, a loss curve, step-size trajectories, time per step and memory. It is written
+atomically when the run ends, so an interrupted run leaves nothing half-written and a rerun
+skips every run whose ``result.json`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from metaoptimize.bench.optimizers import MissingDependency, get_optimizer
+from metaoptimize.bench.tasks import get_task
+from metaoptimize.optimizer import MetaOptimize
+
+__all__ = ["RunConfig", "RunOutcome", "execute", "run_one"]
+
+_OPTIONAL_PACKAGES = (
+    "prodigyopt",
+    "dadaptation",
+    "dog-optimizer",
+    "schedulefree",
+    "mechanic-pytorch",
+    "scikit-learn",
+)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run.
+
+    Attributes:
+        task: task name.
+        optimizer: optimizer name (see ``metaoptimize list``).
+        seed: seed for data order and initialisation.
+        steps: number of optimizer steps; None means the task's default for the mode.
+        value: the swept value (``lr`` or ``alpha0``); None means the optimizer's default.
+        options: extra optimizer keyword arguments.
+        quick: use the task's quick step budget when ``steps`` is None.
+        data_dir: folder with real data for tasks that need it.
+        log_every: record loss and step sizes every this many steps; 0 means about 100 points.
+    """
+
+    task: str
+    optimizer: str
+    seed: int = 0
+    steps: int | None = None
+    value: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    quick: bool = False
+    data_dir: str | None = None
+    log_every: int = 0
+
+    def resolved(self) -> RunConfig:
+        """A copy with ``steps``, ``value`` and ``log_every`` filled in."""
+        task = get_task(self.task)
+        spec = get_optimizer(self.optimizer)
+        steps = self.steps or (task.quick_steps if self.quick else task.full_steps)
+        value = spec.default if self.value is None else self.value
+        log_every = self.log_every or max(1, steps // 100)
+        return RunConfig(
+            self.task,
+            self.optimizer,
+            self.seed,
+            steps,
+            value,
+            dict(self.options),
+            self.quick,
+            self.data_dir,
+            log_every,
+        )
+
+    def run_id(self) -> str:
+        """A readable relative path that identifies the run."""
+        spec = get_optimizer(self.optimizer)
+        resolved = self.resolved()
+        parts = [self.task, self.optimizer.replace(":", "_")]
+        if spec.sweep_key:
+            parts.append(f"{spec.sweep_key}={resolved.value:.3g}")
+        if self.options:
+            parts.append(",".join(f"{k}={v}" for k, v in sorted(self.options.items())))
+        parts.append(f"steps{resolved.steps}-seed{self.seed}")
+        return "/".join(parts)
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one configuration."""
+
+    config: RunConfig
+    status: str  # "done", "cached", "skipped" or "failed"
+    record: dict[str, Any] | None = None
+    message: str = ""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, metaoptimize and the optional packages that are installed."""
+    found = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    for package in ("metaoptimize", *_OPTIONAL_PACKAGES):
+        if package in installed:
+            found[package] = installed[package]
+    return found
+
+
+def _state_bytes(opt: Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        if isinstance(state, dict):
+            total += sum(
+                v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)
+            )
+    return total
+
+
+def _step_size_snapshot(opt: Optimizer) -> dict[str, float]:
+    if not isinstance(opt, MetaOptimize):
+        return {}
+    snapshot = {}
+    for name, value in opt.step_sizes().items():
+        # Per-weight step sizes are summarised by their geometric mean.
+        snapshot[name] = float(value.log().mean().exp()) if value.dim() else float(value)
+    return snapshot
+
+
+def run_one(config: RunConfig) -> dict[str, Any]:
+    """Train once and return the run's record (no files written).
+
+    Raises:
+        MissingDependency: the optimizer's optional package is not installed.
+        metaoptimize.bench.data.DataError: the task's data could not be read.
+    """
+    config = config.resolved()
+    assert config.steps is not None
+    assert config.value is not None
+    spec = get_optimizer(config.optimizer)
+    task = get_task(config.task)(config.seed, config.steps, config.data_dir)
+    model = task.model()
+    params: Iterable[Any] = (
+        model.named_parameters() if spec.family == "metaoptimize" else model.parameters()
+    )
+    opt, scheduler = spec.build(params, config.value, config.steps, dict(config.options))
+    train_mode = getattr(opt, "train", None)
+    if callable(train_mode):  # Schedule-Free's train/eval protocol
+        train_mode()
+    losses = torch.full((config.steps,), math.nan)
+    extras: torch.Tensor | None = None
+    trajectory: dict[str, list[float]] = {}
+    trajectory_steps: list[int] = []
+    diverged = False
+
+    def record_step_sizes(step: int) -> None:
+        snapshot = _step_size_snapshot(opt)
+        if snapshot:
+            trajectory_steps.append(step)
+            for name, value in snapshot.items():
+                trajectory.setdefault(name, []).append(value)
+
+    record_step_sizes(0)
+    start = time.perf_counter()
+    completed = 0
+    for step in range(config.steps):
+        loss, extra = task.step_loss(model, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses[step] = loss.detach()
+        if extra is not None:
+            if extras is None:
+                extras = torch.zeros(config.steps)
+            extras[step] = extra
+        task.after_step(model, step)
+        completed = step + 1
+        if completed % config.log_every == 0 or completed == config.steps:
+            record_step_sizes(completed)
+            # The runner (not the optimizer) reads values here, at log points only.
+            if not math.isfinite(float(losses[step])):
+                diverged = True
+                break
+    elapsed = time.perf_counter() - start
+    eval_mode = getattr(opt, "eval", None)
+    if callable(eval_mode):
+        eval_mode()
+    metrics = task.final_metrics(
+        model, losses[:completed], None if extras is None else extras[:completed]
+    )
+    metric = metrics[task.metric]
+    if diverged or not math.isfinite(metric):
+        diverged = True
+        metric = math.nan
+    window = config.log_every
+    chunks = losses[:completed].split(window)  # type: ignore[no-untyped-call]
+    curve = [float(chunk.mean()) for chunk in chunks]
+    return {
+        "config": asdict(config),
+        "run_id": config.run_id(),
+        "family": spec.family,
+        "sweep_key": spec.sweep_key,
+        "metric_name": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "metric": metric,
+        "metrics": metrics,
+        "diverged": diverged,
+        "steps_completed": completed,
+        "curve_every": window,
+        "curve": curve,
+        "step_size_steps": trajectory_steps,
+        "step_sizes": trajectory,
+        "time_per_step_ms": 1e3 * elapsed / max(1, completed),
+        "optimizer_state_mb": _state_bytes(opt) / 1e6,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seed": config.seed,
+        "versions": versions(),
+    }
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    os.replace(temporary, path)
+
+
+def result_path(out_dir: Path, config: RunConfig) -> Path:
+    """Where the record of ``config`` lives under ``out_dir``."""
+    return out_dir / "runs" / config.run_id() / "result.json"
+
+
+def _run_and_store(config: RunConfig, out_dir: str) -> RunOutcome:
+    try:
+        record = run_one(config)
+    except MissingDependency as error:
+        return RunOutcome(config, "skipped", message=str(error))
+    except Exception as error:  # noqa: BLE001 - one failing run must not stop the others
+        return RunOutcome(config, "failed", message=f"{type(error).__name__}: {error}")
+    _write_atomic(result_path(Path(out_dir), config), record)
+    return RunOutcome(config, "done", record)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # small models: one thread per worker process is fastest
+
+
+def execute(
+    configs: list[RunConfig],
+    out_dir: Path,
+    jobs: int = 1,
+    on_outcome: Callable[[RunOutcome], None] | None = None,
+) -> list[RunOutcome]:
+    """Run ``configs``, skipping those already stored under ``out_dir``.
+
+    Runs go to ``jobs`` worker processes (in this process when ``jobs`` is 1). Each finished
+    run is written as soon as it ends; on KeyboardInterrupt pending runs are cancelled and the
+    exception propagates, with every finished run kept.
+    """
+    outcomes: list[RunOutcome] = []
+    pending: list[RunConfig] = []
+    for config in configs:
+        path = result_path(out_dir, config)
+        if path.is_file():
+            outcomes.append(RunOutcome(config, "cached", json.loads(path.read_text())))
+        else:
+            pending.append(config)
+    for outcome in outcomes:
+        if on_outcome:
+            on_outcome(outcome)
+    for outcome in _dispatch(pending, str(out_dir), jobs):
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    return outcomes
+
+
+def _dispatch(configs: list[RunConfig], out_dir: str, jobs: int) -> Iterator[RunOutcome]:
+    if jobs <= 1 or len(configs) <= 1:
+        for config in configs:
+            yield _run_and_store(config, out_dir)
+        return
+    executor = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker
+    )
+    try:
+        futures: set[Future[RunOutcome]] = {
+            executor.submit(_run_and_store, c, out_dir) for c in configs
+        }
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown()

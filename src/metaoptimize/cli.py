@@ -1,0 +1,443 @@
+"""The ``metaoptimize`` command line: compare, run, sweep, list, plot, report.
+
+``main(argv)`` returns the exit code: 0 on success, 1 when some runs failed, 2 on a usage
+error (always a one-line message), 130 when interrupted (finished runs are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from metaoptimize import presets
+
+__all__ = ["entrypoint", "main"]
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as error:
+        raise UsageError(f"{flag} expects comma-separated numbers, got {text!r}") from error
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise UsageError(f"{flag} expects positive numbers, got {text!r}")
+    return values
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        parts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise UsageError(
+            f"--seeds expects a count or a comma-separated list, got {text!r}"
+        ) from error
+    if len(parts) == 1 and "," not in text:
+        if parts[0] < 1:
+            raise UsageError("--seeds must be at least 1")
+        return tuple(range(parts[0]))
+    return tuple(parts)
+
+
+def _check_task(name: str, data_dir: str | None) -> None:
+    from metaoptimize.bench.data import DataError
+    from metaoptimize.bench.tasks import TASKS
+
+    if name not in TASKS:
+        raise UsageError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    if TASKS[name].needs_data_dir:
+        if data_dir is None:
+            raise UsageError(f"task {name!r} reads real data: pass --data-dir")
+        try:
+            TASKS[name].check_data(data_dir)
+        except DataError as error:
+            raise UsageError(str(error)) from error
+
+
+def _check_optimizer(name: str, options: dict[str, Any]) -> None:
+    """Build the optimizer once on a throwaway parameter so bad options fail here, not later."""
+    import torch
+
+    from metaoptimize.bench.optimizers import OPTIMIZERS, MissingDependency
+
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}; see 'metaoptimize list optimizers'")
+    spec = OPTIMIZERS[name]
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    named = [("probe", params[0])] if spec.family == "metaoptimize" else params
+    try:
+        spec.build(named, spec.default, 10, dict(options))
+    except MissingDependency:
+        return  # reported per run as a skip
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"optimizer {name!r}: {error}") from error
+
+
+def _out_dir(given: str | None, default_name: str) -> Path:
+    return Path(given) if given else Path("runs") / default_name
+
+
+def _progress(total: int, description: str) -> Callable[[Any], None]:
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        count = [0]
+
+        def plain(outcome: Any) -> None:
+            count[0] += 1
+            print(
+                f"[{count[0]}/{total}] {outcome.status}: {outcome.config.run_id()}", file=sys.stderr
+            )
+
+        return plain
+    bar = tqdm(total=total, desc=description, unit="run", file=sys.stderr)
+
+    def update(outcome: Any) -> None:
+        bar.update(1)
+        bar.set_postfix_str(outcome.config.task, refresh=False)
+        if bar.n >= total:
+            bar.close()
+
+    return update
+
+
+def _execute(
+    configs: list[Any], out: Path, jobs: int, description: str
+) -> tuple[list[Any], list[str]]:
+    from metaoptimize.bench.runner import execute
+
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = execute(configs, out, jobs=jobs, on_outcome=_progress(len(configs), description))
+    notes = sorted(
+        {f"skipped {o.config.optimizer}: {o.message}" for o in outcomes if o.status == "skipped"}
+    )
+    notes += [f"failed {o.config.run_id()}: {o.message}" for o in outcomes if o.status == "failed"]
+    return outcomes, notes
+
+
+def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
+    from metaoptimize.bench.report import (
+        aggregate,
+        load_records,
+        summarize,
+        text_table,
+        write_report,
+    )
+
+    plot_paths = None
+    if plots:
+        try:
+            from metaoptimize.plotting import save_plots
+
+            plot_paths = save_plots(out)
+        except RuntimeError as error:  # matplotlib missing
+            notes = [*notes, str(error)]
+    report = write_report(out, command, notes, plot_paths)
+    print(text_table(summarize(aggregate(load_records(out)))))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nreport: {report}\nresults: {out / 'results.json'}, {out / 'results.csv'}")
+
+
+def _default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The main job: the default suite, tables, report and plots."""
+    from metaoptimize.bench.suite import DEFAULT_TASKS, compare_configs
+
+    tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+    for task in tasks:
+        _check_task(task, args.data_dir)
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
+    if seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    out = _out_dir(args.out, time.strftime("%Y%m%d-%H%M%S"))
+    configs = compare_configs(tasks, seeds, args.quick, args.data_dir)
+    print(
+        f"running {len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
+        file=sys.stderr,
+    )
+    outcomes, notes = _execute(configs, out, args.jobs, "compare")
+    _finish(out, args.command_line, notes, not args.no_plots)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One run of one optimizer on one task."""
+    from metaoptimize.bench.runner import RunConfig, result_path
+
+    options = _parse_set(args.set)
+    _check_task(args.task, args.data_dir)
+    _check_optimizer(args.optimizer, options)
+    config = RunConfig(
+        args.task,
+        args.optimizer,
+        args.seed,
+        args.steps,
+        args.value,
+        options,
+        args.quick,
+        args.data_dir,
+    )
+    out = _out_dir(args.out, "single")
+    outcomes, _ = _execute([config], out, 1, "run")
+    outcome = outcomes[0]
+    if outcome.record is None:
+        print(f"{outcome.status}: {outcome.message}", file=sys.stderr)
+        return 2 if outcome.status == "skipped" else 1
+    record = outcome.record
+    print(
+        f"{record['run_id']}: {record['metric_name']} = {record['metric']:.6g}  "
+        f"({record['time_per_step_ms']:.2f} ms/step)"
+    )
+    for name, values in list(record["step_sizes"].items())[:8]:
+        print(f"  step size {name}: {values[0]:.3g} -> {values[-1]:.3g}")
+    print(f"record: {result_path(out, config)}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A resumable grid over lr or alpha0 and seeds."""
+    from metaoptimize.bench.optimizers import OPTIMIZERS
+    from metaoptimize.bench.runner import RunConfig
+    from metaoptimize.bench.suite import sweep_values
+
+    options = _parse_set(args.set)
+    _check_task(args.task, args.data_dir)
+    _check_optimizer(args.optimizer, options)
+    if not OPTIMIZERS[args.optimizer].sweep_key:
+        raise UsageError(f"optimizer {args.optimizer!r} has no lr or alpha0 to sweep")
+    values = (
+        _floats(args.values, "--values")
+        if args.values
+        else sweep_values(args.task, args.optimizer, args.quick)
+    )
+    seeds = _seeds(args.seeds)
+    out = _out_dir(args.out, f"sweep-{args.task}-{args.optimizer.replace(':', '_')}")
+    configs = [
+        RunConfig(
+            args.task, args.optimizer, seed, args.steps, value, options, args.quick, args.data_dir
+        )
+        for value in values
+        for seed in seeds
+    ]
+    outcomes, notes = _execute(configs, out, args.jobs, "sweep")
+    _finish(out, args.command_line, notes, not args.no_plots)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Tasks, optimizers and presets."""
+    import importlib.util
+
+    from metaoptimize.bench.optimizers import OPTIMIZERS
+    from metaoptimize.bench.tasks import describe
+
+    what = args.what
+    if what in ("all", "tasks"):
+        print("tasks:")
+        for row in describe():
+            data = "  [needs --data-dir]" if row["needs_data_dir"] else ""
+            print(
+                f"  {row['name']:<18} {row['metric']} ({row['better']} is better): "
+                f"{row['description']}{data}"
+            )
+    if what in ("all", "optimizers"):
+        print("optimizers:")
+        for spec in OPTIMIZERS.values():
+            if spec.name.startswith("preset:"):
+                continue
+            missing = ""
+            if spec.package:
+                module = {"dog-optimizer": "dog", "mechanic-pytorch": "mechanic_pytorch"}.get(
+                    spec.package, spec.package
+                )
+                if importlib.util.find_spec(module) is None:
+                    missing = f"  [not installed: pip install {spec.package}]"
+            sweep = f" sweeps {spec.sweep_key}" if spec.sweep_key else ""
+            print(f"  {spec.name:<26} {spec.family:<13}{sweep}: {spec.description}{missing}")
+    if what in ("all", "presets"):
+        print("presets (run as optimizer 'preset:<name>'):")
+        for name in presets.names():
+            settings = ", ".join(f"{k}={v}" for k, v in presets.get(name).items())
+            print(f"  {name:<32} {settings}")
+    return 0
+
+
+def _existing_run_dir(text: str) -> Path:
+    path = Path(text)
+    if not (path / "runs").is_dir():
+        raise UsageError(
+            f"{path} has no runs/ folder; pass a directory written by compare, run or sweep"
+        )
+    return path
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Redraw the plots of a run directory."""
+    from metaoptimize.plotting import save_plots
+
+    run_dir = _existing_run_dir(args.run_dir)
+    try:
+        written = save_plots(run_dir)
+    except RuntimeError as error:
+        raise UsageError(str(error)) from error
+    for paths in written.values():
+        for path in paths:
+            print(path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild results.json, results.csv and report.md of a run directory."""
+    from metaoptimize.bench.report import (
+        aggregate,
+        load_records,
+        summarize,
+        text_table,
+        write_report,
+    )
+    from metaoptimize.plotting import existing_plots
+
+    run_dir = _existing_run_dir(args.run_dir)
+    records = load_records(run_dir)
+    plots = existing_plots(run_dir, sorted({r["config"]["task"] for r in records}))
+    # Keep the command that produced the runs (compare or sweep), not this one.
+    command = args.command_line
+    previous = run_dir / "results.json"
+    if previous.is_file():
+        command = json.loads(previous.read_text()).get("command") or command
+    report = write_report(run_dir, command, None, plots)
+    print(text_table(summarize(aggregate(load_records(run_dir)))))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="metaoptimize",
+        description="MetaOptimize benchmark harness: compare "
+        "learned step sizes with tuned baselines on small offline tasks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub: argparse.ArgumentParser, jobs: bool = True) -> None:
+        sub.add_argument("--out", help="output directory")
+        sub.add_argument("--data-dir", help="folder with real data (cifar10, tinystories)")
+        sub.add_argument("--quick", action="store_true", help="small step budgets")
+        if jobs:
+            sub.add_argument(
+                "--jobs",
+                type=int,
+                default=_default_jobs(),
+                help="worker processes (default: up to 2)",
+            )
+            sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    compare = commands.add_parser("compare", help="run the default suite (the main job)")
+    compare.add_argument("--tasks", help="comma-separated task names (default: the suite)")
+    compare.add_argument(
+        "--seeds", type=int, help="seeds per configuration (default 2; 1 with --quick)"
+    )
+    common(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+    run = commands.add_parser("run", help="one task with one optimizer")
+    run.add_argument("--task", required=True)
+    run.add_argument("--optimizer", required=True)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--steps", type=int)
+    run.add_argument("--value", type=float, help="lr (baselines) or alpha0 (MetaOptimize)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="optimizer keyword argument, e.g. --set meta_lr=0.003",
+    )
+    common(run, jobs=False)
+    run.set_defaults(handler=cmd_run)
+
+    sweep = commands.add_parser("sweep", help="grid over lr or alpha0 and seeds (resumable)")
+    sweep.add_argument("--task", required=True)
+    sweep.add_argument("--optimizer", required=True)
+    sweep.add_argument("--values", help="comma-separated lr or alpha0 values")
+    sweep.add_argument("--seeds", default="2", help="a count or a comma-separated list")
+    sweep.add_argument("--steps", type=int)
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    common(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
+
+    listing = commands.add_parser("list", help="tasks, optimizers and presets")
+    listing.add_argument(
+        "what", nargs="?", default="all", choices=["all", "tasks", "optimizers", "presets"]
+    )
+    listing.set_defaults(handler=cmd_list)
+
+    plot = commands.add_parser("plot", help="redraw plots of a run directory")
+    plot.add_argument("run_dir")
+    plot.set_defaults(handler=cmd_plot)
+
+    report = commands.add_parser("report", help="rebuild tables and report of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _build_parser().parse_args(argv)
+        args.command_line = shlex.join(["metaoptimize", *argv])
+        if getattr(args, "jobs", 1) < 1:
+            raise UsageError("--jobs must be at least 1")
+        code: int = args.handler(args)
+    except UsageError as error:
+        print(f"metaoptimize: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nmetaoptimize: interrupted; every finished run is kept and a rerun of the same "
+            "command skips it",
+            file=sys.stderr,
+        )
+        return 130
+    return code
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
