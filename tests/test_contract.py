@@ -109,7 +109,7 @@ def test_foreign_and_future_state_dicts_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"no 'metaoptimize' entry"):
         opt.load_state_dict(adam.state_dict())
     future = opt.state_dict()
-    future["metaoptimize"]["format_version"] = 99
+    future["param_groups"][0]["metaoptimize"]["format_version"] = 99
     with pytest.raises(ValueError, match=r"format_version 99 is not supported"):
         opt.load_state_dict(future)
 

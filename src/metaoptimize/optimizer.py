@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -15,9 +16,17 @@ from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
 
+try:  # DTensor parameters (FSDP2); torch >= 2.4 has the public module
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    _HAS_DTENSOR = True
+except ImportError:  # pragma: no cover - older torch: no FSDP2 support
+    _HAS_DTENSOR = False
+
 __all__ = ["MetaOptimize"]
 
 FORMAT_VERSION = 1
+_UNSET = object()
 _BASE_STYLES = ("torch", "paper")
 _META_PREFIX = "meta_"
 
@@ -73,6 +82,10 @@ class MetaOptimize(Optimizer):
         meta_eps: epsilon of the adam and rmsprop meta rules.
         alpha_min: optional lower bound on every learned step size.
         alpha_max: optional upper bound on every learned step size.
+        partition_group: for ZeRO-style sharding (``ZeroRedundancyOptimizer``), the process
+            group across which the parameters are partitioned: block meta-gradients are
+            all-reduced over it. FSDP2 (DTensor parameters) needs no argument: the group is
+            taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -114,6 +127,7 @@ class MetaOptimize(Optimizer):
         meta_eps: float = 1e-8,
         alpha_min: float | None = None,
         alpha_max: float | None = None,
+        partition_group: Any = None,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -129,6 +143,13 @@ class MetaOptimize(Optimizer):
         self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
         self._log_bounds = _log_bounds(alpha_min, alpha_max)
         self._blocks_spec = blocks
+        if partition_group is not None and not isinstance(blocks, str):
+            raise ValueError(
+                "Invalid blocks: explicit blocks cannot be combined with "
+                "partition_group (each rank holds different parameters)"
+            )
+        self._partition_group = partition_group
+        self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
             "lr": lr,
@@ -182,6 +203,9 @@ class MetaOptimize(Optimizer):
 
     def _complete_group(self, group: dict[str, Any]) -> None:
         base = self._base
+        # ZeroRedundancyOptimizer copies every constructor keyword into its groups; the
+        # process group is optimizer-wide and must not be serialised with them.
+        group.pop("partition_group", None)
         group["lr"] = check_number(group["lr"], "lr")
         if group["lr"] < 0.0:
             raise ValueError(f"Invalid lr: {group['lr']}; need lr >= 0")
@@ -225,6 +249,7 @@ class MetaOptimize(Optimizer):
     def _grow_blocks(self) -> None:
         """(Re)build the layout and give new blocks their initial step sizes."""
         layout = build_layout(self._blocks_spec, self.param_groups)
+        self._mesh_cache = _UNSET
         old = self._layout
         if (
             old is not None
@@ -329,56 +354,56 @@ class MetaOptimize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self.layout
-        entries: list[tuple[dict[str, Any], Tensor, Tensor, dict[str, Any], int]] = []
-        position = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                block = layout.block_of_param[position]
-                position += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MetaOptimize does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, group, state)
-                elif self._meta.active and "trace" not in state:
-                    # Loaded from a run whose meta rule was off: start the trace at zero.
-                    state["trace"] = torch.zeros_like(
-                        p, dtype=state_dtype(p), memory_format=torch.preserve_format
-                    )
-                grad = p.grad.to(state_dtype(p))
-                entries.append((group, p, grad, state, block))
-        if not entries:
+        entries = self._gather_entries()
+        reduce_group = self._reduce_group()
+        if not entries and reduce_group is None:
             return loss
 
         # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
+        # Sharded parameters give per-rank partial sums: one all-reduce makes them global.
         meta_active = self._meta.active
         z_block: Tensor | None = None
         z_weight: list[Tensor] = []
-        if not meta_active:
-            flags = [torch.isfinite(g).all().to(self._home) for _, _, g, _, _ in entries]
-        elif layout.per_weight:
-            z_weight = [state["trace"] * g for _, _, g, state, _ in entries]
-            flags = [torch.isfinite(z).all().to(self._home) for z in z_weight]
+        if meta_active and not layout.per_weight:
+            partials = [
+                torch.dot(e.state["trace"].flatten(), e.grad.flatten()).to(
+                    self._home, self._beta_dtype
+                )
+                * e.share
+                for e in entries
+            ]
+            z_block = torch.zeros_like(self._log_alpha)
+            if partials:
+                index, _ = self._block_indices(tuple(e.block for e in entries))
+                z_block.index_add_(0, index, torch.stack(partials))
+            if reduce_group is not None and (
+                self._partition_group is None or layout.mode in ("scalar", "group")
+            ):
+                dist.all_reduce(z_block, group=reduce_group)
+            nonfinite = (~torch.isfinite(z_block)).sum()
         else:
-            partials = torch.stack(
-                [
-                    torch.dot(state["trace"].flatten(), g.flatten()).to(
-                        self._home, self._beta_dtype
-                    )
-                    for _, _, g, state, _ in entries
-                ]
-            )
-            index, _ = self._block_indices(tuple(e[4] for e in entries))
-            z_block = torch.zeros_like(self._log_alpha).index_add_(0, index, partials)
-            flags = [torch.isfinite(z_block).all()]
-        finite = torch.stack(flags).all() if len(flags) > 1 else flags[0]
+            if meta_active:
+                z_weight = [e.state["trace"] * e.grad for e in entries]
+            checked = z_weight if meta_active else [e.grad for e in entries]
+            counts = [(~torch.isfinite(t)).sum().to(self._home) for t in checked]
+            nonfinite = torch.stack(counts).sum() if counts else self._skipped.new_zeros(())
+        if reduce_group is not None and z_block is None:
+            # Every rank must make the same skip decision: one scalar collective.
+            nonfinite = nonfinite.to(self._beta_dtype)
+            dist.all_reduce(nonfinite, group=reduce_group)
+        finite = nonfinite == 0
 
         # 2. Base step and trace update, all with α_t.
         alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
         flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-        for group, p, grad, state, block in entries:
+        for entry in entries:
+            group, p, grad, state, block = (
+                entry.group,
+                entry.param,
+                entry.grad,
+                entry.state,
+                entry.block,
+            )
             key = (grad.device, grad.dtype)
             if key not in flag_cache:
                 on_device = finite.to(grad.device)
@@ -412,18 +437,103 @@ class MetaOptimize(Optimizer):
         # 3. Meta step on β = log α (after the weight step, as in the paper).
         if meta_active:
             if z_block is not None:
-                _, active = self._block_indices(tuple(e[4] for e in entries))
-                self._meta_step(self._log_alpha, z_block, self._meta_state, active & finite)
+                if entries:
+                    _, active = self._block_indices(tuple(e.block for e in entries))
+                    self._meta_step(self._log_alpha, z_block, self._meta_state, active & finite)
             else:
-                for (_, _, _, state, _), z in zip(entries, z_weight, strict=True):
+                for entry, z in zip(entries, z_weight, strict=True):
                     meta_state = {
                         k[len(_META_PREFIX) :]: v
-                        for k, v in state.items()
+                        for k, v in entry.state.items()
                         if k.startswith(_META_PREFIX)
                     }
-                    self._meta_step(state["log_alpha"], z, meta_state, finite.to(z.device))
+                    self._meta_step(entry.state["log_alpha"], z, meta_state, finite.to(z.device))
         self._skipped.add_((~finite).to(torch.int64))
         return loss
+
+    def _gather_entries(self) -> list[_Entry]:
+        """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
+        layout = self.layout
+        entries: list[_Entry] = []
+        position = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                block = layout.block_of_param[position]
+                position += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MetaOptimize does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group, state)
+                elif self._meta.active and "trace" not in state:
+                    # Loaded from a run whose meta rule was off: start the trace at zero.
+                    state["trace"] = torch.zeros_like(
+                        p, dtype=state_dtype(p), memory_format=torch.preserve_format
+                    )
+                local_state = {
+                    k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
+                }
+                entries.append(
+                    _Entry(
+                        group,
+                        _local(p),
+                        _local(p.grad).to(state_dtype(p)),
+                        local_state,
+                        block,
+                        self._share(p),
+                    )
+                )
+        return entries
+
+    def _reduce_group(self) -> Any:
+        """The process group over which block meta-gradients are summed, if any."""
+        if self._partition_group is not None:
+            return self._partition_group
+        mesh = self._mesh()
+        return None if mesh is None else mesh.get_group()
+
+    def _mesh(self) -> Any:
+        """The device mesh of the DTensor parameters (cached; reset when groups change)."""
+        if self._mesh_cache is _UNSET:
+            self._mesh_cache = self._find_mesh()
+        return self._mesh_cache
+
+    def _find_mesh(self) -> Any:
+        if not _HAS_DTENSOR:
+            return None
+        meshes = {
+            p.device_mesh for g in self.param_groups for p in g["params"] if isinstance(p, DTensor)
+        }
+        if not meshes:
+            return None
+        if len(meshes) > 1:
+            raise NotImplementedError(
+                "MetaOptimize: DTensor parameters on different device meshes are not supported"
+            )
+        (mesh,) = meshes
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                "MetaOptimize: only 1-D device meshes (FSDP2) are "
+                "supported; HSDP and tensor parallelism are not yet"
+            )
+        return mesh
+
+    def _share(self, p: Tensor) -> float:
+        """Weight of this rank's partial sum for ``p`` in the all-reduced meta-gradient."""
+        if self._partition_group is not None:
+            return 1.0  # ZeRO: each parameter lives on exactly one rank
+        mesh = self._mesh()
+        if mesh is None:
+            return 1.0
+        if isinstance(p, DTensor):
+            (placement,) = p.placements
+            if isinstance(placement, Shard):
+                return 1.0
+            if not isinstance(placement, Replicate):
+                raise NotImplementedError(f"MetaOptimize: placement {placement} not supported")
+        return 1.0 / float(mesh.size())  # replicated: every rank holds the whole tensor
 
     def _meta_step(
         self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], keep_new: Tensor
@@ -440,13 +550,17 @@ class MetaOptimize(Optimizer):
     # ------------------------------------------------------------------ state dict
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the state as in ``torch.optim``, plus a ``"metaoptimize"`` entry.
+        """Return the state as in ``torch.optim``, with a ``"metaoptimize"`` entry in group 0.
 
-        The extra entry holds the format version, the base and meta rule names, the block
-        layout, the block-level log step sizes and meta state, and the skipped-step count.
+        That entry holds the format version, the base and meta rule names, the block layout,
+        the block-level log step sizes and meta state, and the skipped-step count. It lives in
+        ``param_groups[0]`` because ``torch.distributed.checkpoint`` keeps only ``state`` and
+        ``param_groups`` (docs/distributed.md).
         """
         state_dict = super().state_dict()
-        state_dict["metaoptimize"] = {
+        for group in state_dict["param_groups"]:
+            group.pop("partition_group", None)  # re-copied by ZeroRedundancyOptimizer
+        state_dict["param_groups"][0]["metaoptimize"] = {
             "format_version": FORMAT_VERSION,
             "base": self._base.name,
             "meta": self._meta.name,
@@ -465,11 +579,15 @@ class MetaOptimize(Optimizer):
                 base rule, meta rule or block layout.
         """
         state_dict = dict(state_dict)
-        if "metaoptimize" not in state_dict:
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        state_dict["param_groups"] = groups
+        section = groups[0].pop("metaoptimize", None) if groups else None
+        for group in groups[1:]:
+            group.pop("metaoptimize", None)
+        if section is None:
             raise ValueError(
                 "Invalid state_dict: no 'metaoptimize' entry; it was not saved by MetaOptimize"
             )
-        section: dict[str, Any] = state_dict.pop("metaoptimize")
         version = section.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -491,9 +609,13 @@ class MetaOptimize(Optimizer):
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; MetaOptimize keeps the saved
         # dtype (e.g. float32 log step sizes for bfloat16 parameters) and copies every tensor.
+        # Map saved keys to parameters as torch does: the saved groups' "params" lists, in
+        # order (integer ids from state_dict(), parameter names from distributed checkpoint).
+        saved_keys = [key for group in groups for key in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, values in saved_state.items():
-            p = params[index]
+        param_of = dict(zip(saved_keys, params, strict=True))
+        for key, values in saved_state.items():
+            p = param_of[key]
             self.state[p] = {
                 key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
                 for key, value in values.items()
@@ -524,3 +646,29 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
         for p in group["params"]:
             dtype = torch.promote_types(dtype, state_dtype(p))
     return dtype
+
+
+class _Entry:
+    """One parameter with a gradient, viewed as local tensors for this step."""
+
+    __slots__ = ("block", "grad", "group", "param", "share", "state")
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        block: int,
+        share: float,
+    ) -> None:
+        self.group, self.param, self.grad = group, param, grad
+        self.state, self.block, self.share = state, block, share
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    if _HAS_DTENSOR and isinstance(tensor, DTensor):
+        local: Tensor = tensor.to_local()
+        return local
+    return tensor
