@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaoptimize._fused import fused_step, supports_fused
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
@@ -86,6 +87,9 @@ class MetaOptimize(Optimizer):
             group across which the parameters are partitioned: block meta-gradients are
             all-reduced over it. FSDP2 (DTensor parameters) needs no argument: the group is
             taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
+        fused: use the ``torch.compile``-d one-pass kernel for the adamw and lion bases
+            (other bases, and ``base_style="paper"``, keep the eager path). The first step
+            compiles (seconds); see docs/performance.md.
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -128,6 +132,7 @@ class MetaOptimize(Optimizer):
         alpha_min: float | None = None,
         alpha_max: float | None = None,
         partition_group: Any = None,
+        fused: bool = False,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -149,6 +154,9 @@ class MetaOptimize(Optimizer):
                 "partition_group (each rank holds different parameters)"
             )
         self._partition_group = partition_group
+        if not isinstance(fused, bool):
+            raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
+        self._fused = fused
         self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
@@ -409,13 +417,18 @@ class MetaOptimize(Optimizer):
                 on_device = finite.to(grad.device)
                 flag_cache[key] = (on_device, on_device.to(grad.dtype))
             finite_here, ok = flag_cache[key]
-            grad = torch.where(finite_here, grad, 0.0)
-            u, slope = self._base.direction(p, grad, state, group, ok)
             scale = ok * group["lr"]
             if alpha_blocks is None:
                 alpha = state["log_alpha"].exp().mul_(scale)
             else:
                 alpha = alpha_blocks[block].to(grad.device, grad.dtype) * scale
+            if self._fused and supports_fused(self._base.name, group, p, grad):
+                fused_step(
+                    self._base.name, p, grad, state, group, finite_here, ok, alpha, meta_active
+                )
+                continue
+            grad = torch.where(finite_here, grad, 0.0)
+            u, slope = self._base.direction(p, grad, state, group, ok)
             kappa = group["weight_decay"]
             decoupled = is_decoupled(self._base, group)
             if decoupled and kappa:

@@ -1,0 +1,213 @@
+"""Optimizer-step and training-step time and memory: torch AdamW against MetaOptimize.
+
+    python benchmarks/step_overhead.py [--device cpu|cuda] [--repeats 30] [--json out.json]
+
+CPU: a 6.3M-parameter MLP (three 2M-weight layers). CUDA: GPT-2-small shapes (124M parameters, fp32 weights, bf16
+autocast, batch 8x1024). All optimizers are timed side by side in one process; each number is
+the median of ``--repeats`` timed steps after warm-up, with torch.cuda.synchronize around timed
+regions on CUDA. Prints a table with ratios to the fastest torch AdamW and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaoptimize import MetaOptimize
+
+
+def cpu_model() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024), nn.GELU(), nn.Linear(1024, 2048)
+    )
+    x = torch.randn(64, 1024)
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return m(x).square().mean()
+
+    return model, loss
+
+
+def gpt2_model(device: torch.device) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    torch.manual_seed(0)
+    dim, layers, heads, vocab, context = 768, 12, 12, 50257, 1024
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.ln1(x)
+            mask = torch.ones(x.shape[1], x.shape[1], device=x.device, dtype=torch.bool).triu(1)
+            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.position = nn.Parameter(torch.zeros(context, dim))
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.norm = nn.LayerNorm(dim)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens) + self.position[: tokens.shape[1]]
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x) @ self.embed.weight.T
+
+    model = GPT().to(device)
+    tokens = torch.randint(0, vocab, (8, context + 1), device=device)
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = m(tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    return model, loss
+
+
+def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Optimizer]]:
+    table: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+        "torch AdamW (for-loop)": lambda p: torch.optim.AdamW(p, lr=1e-4, foreach=False),
+        "torch AdamW (foreach)": lambda p: torch.optim.AdamW(p, lr=1e-4, foreach=True),
+    }
+    if device.type == "cuda":
+        table["torch AdamW (fused)"] = lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True)
+    for base in ("adamw", "lion", "adam", "sgdm", "rmsprop", "sgd"):
+        table[f"MetaOptimize({base}, lion, scalar)"] = lambda p, base=base: MetaOptimize(
+            p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01
+        )
+    for base in ("adamw", "lion"):
+        table[f"MetaOptimize({base}, lion, scalar, fused)"] = lambda p, base=base: MetaOptimize(
+            p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01, fused=True
+        )
+    table["MetaOptimize(adamw, adam, tensor)"] = lambda p: MetaOptimize(
+        p, base="adamw", meta="adam", alpha0=1e-4, weight_decay=0.01, blocks="tensor"
+    )
+    table["MetaOptimize(adamw, lion, weight)"] = lambda p: MetaOptimize(
+        p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, blocks="weight"
+    )
+    if importlib.util.find_spec("prodigyopt"):
+        import prodigyopt
+
+        table["Prodigy"] = lambda p: prodigyopt.Prodigy(p, lr=1.0)
+    if importlib.util.find_spec("schedulefree"):
+        import schedulefree
+
+        table["Schedule-Free AdamW"] = lambda p: schedulefree.AdamWScheduleFree(p, lr=1e-3)
+    return table
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    name: str, build: Callable[[Any], torch.optim.Optimizer], device: torch.device, repeats: int
+) -> dict[str, Any]:
+    model, loss_fn = cpu_model() if device.type == "cpu" else gpt2_model(device)
+    model.to(device)
+    opt = build(model.parameters())
+    if callable(getattr(opt, "train", None)):
+        opt.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times, train_times = [], []
+    for index in range(repeats + 5):
+        _sync(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+        _sync(device)
+        middle = time.perf_counter()
+        opt.step()
+        _sync(device)
+        end = time.perf_counter()
+        if index >= 5:  # warm-up: lazy state, allocator, autotuning
+            step_times.append(end - middle)
+            train_times.append(end - start)
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        if isinstance(s, dict)
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "optimizer": name,
+        "params": params,
+        "step_ms": 1e3 * statistics.median(step_times),
+        "train_step_ms": 1e3 * statistics.median(train_times),
+        "state_tensors_per_param": state_bytes / (params * 4),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", help="substring filter on optimizer names")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [
+        measure(name, build, device, args.repeats)
+        for name, build in optimizers(device).items()
+        if not args.only or args.only in name or name.startswith("torch AdamW")
+    ]
+    baseline = min(r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW"))
+    train_baseline = min(
+        r["train_step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
+    )
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{rows[0]['params'] / 1e6:.1f}M parameters; ratios to the fastest torch AdamW"
+    )
+    print(
+        f"{'optimizer':<36} {'step ms':>9} {'ratio':>6} {'train ms':>9} {'ratio':>6} "
+        f"{'state/param':>11}"
+    )
+    for row in rows:
+        row["step_ratio"] = row["step_ms"] / baseline
+        row["train_ratio"] = row["train_step_ms"] / train_baseline
+        print(
+            f"{row['optimizer']:<36} {row['step_ms']:9.2f} {row['step_ratio']:6.2f} "
+            f"{row['train_step_ms']:9.2f} {row['train_ratio']:6.2f} "
+            f"{row['state_tensors_per_param']:11.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "platform": platform.platform(),
+                    "threads": torch.get_num_threads(),
+                    "rows": rows,
+                },
+                handle,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
