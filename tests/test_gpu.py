@@ -1,0 +1,65 @@
+"""CUDA checks (skipped without a GPU): fused kernel against eager, and no host syncs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from metaoptimize import MetaOptimize
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64)
+    ).cuda()
+
+
+def _run(
+    fused: bool, kwargs: dict[str, Any], steps: int = 20
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    model = _model()
+    opt = MetaOptimize(model.parameters(), fused=fused, **kwargs)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 256, device="cuda", generator=generator)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    sizes = torch.cat([v.flatten() for v in opt.step_sizes().values()])
+    return [p.detach() for p in model.parameters()], sizes
+
+
+@pytest.mark.parametrize("base", ["adamw", "lion"])
+def test_fused_cuda_kernel_matches_eager(base: str) -> None:
+    kwargs = {"base": base, "meta": "lion", "alpha0": 1e-3, "meta_lr": 1e-2, "weight_decay": 0.1}
+    eager_params, eager_sizes = _run(False, kwargs)
+    fused_params, fused_sizes = _run(True, kwargs)
+    for a, b in zip(eager_params, fused_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused_sizes, eager_sizes, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("blocks", ["scalar", "tensor", "weight"])
+def test_step_has_no_host_sync_under_cuda_sync_debug_mode(fused: bool, blocks: str) -> None:
+    model = _model()
+    opt = MetaOptimize(
+        model.parameters(), base="adamw", meta="adam", blocks=blocks, fused=fused, alpha0=1e-3
+    )
+    x = torch.randn(32, 256, device="cuda")
+    for step in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step == 0:
+            opt.step()  # first step: lazy state, index caches, compilation
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
