@@ -432,3 +432,34 @@ def test_state_saved_with_meta_lr_zero_loads_into_an_active_optimizer() -> None:
     active.load_state_dict(frozen.state_dict())
     train(model, active, batches(5))
     assert flat_step_sizes(active).item() != pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bfloat16_trace_halves_its_memory_and_tracks_the_float32_run(fused: bool) -> None:
+    runs = {}
+    for trace_dtype in (None, "bfloat16"):
+        model = TinyNet()
+        opt = MetaOptimize(
+            model.parameters(),
+            base="adamw",
+            meta="adam",
+            alpha0=0.01,
+            meta_lr=0.05,
+            trace_dtype=trace_dtype,
+            fused=fused,
+        )
+        train(model, opt, batches(15))
+        traces = [opt.state[p]["trace"] for p in model.parameters()]
+        runs[trace_dtype] = (flat_step_sizes(opt), traces)
+    full, half = runs[None], runs["bfloat16"]
+    assert {t.dtype for t in half[1]} == {torch.bfloat16}
+    assert sum(t.nbytes for t in half[1]) * 4 == sum(t.nbytes for t in full[1])  # f64 -> bf16
+    torch.testing.assert_close(half[0], full[0], rtol=1e-2, atol=0)
+    assert not torch.equal(half[0], full[0])
+
+
+def test_invalid_trace_dtype() -> None:
+    with pytest.raises(ValueError, match=r"Invalid trace_dtype: 'int8'"):
+        MetaOptimize(TinyNet().parameters(), trace_dtype="int8")
+    with pytest.raises(ValueError, match=r"Invalid trace_dtype: torch\.int32"):
+        MetaOptimize(TinyNet().parameters(), trace_dtype=torch.int32)

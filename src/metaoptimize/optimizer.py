@@ -90,6 +90,9 @@ class MetaOptimize(Optimizer):
         fused: use the ``torch.compile``-d one-pass kernel for the adamw and lion bases
             (other bases, and ``base_style="paper"``, keep the eager path). The first step
             compiles (seconds); see docs/performance.md.
+        trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
+            example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
+            accumulated in the gradient's dtype (docs/performance.md measures the effect).
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -133,6 +136,7 @@ class MetaOptimize(Optimizer):
         alpha_max: float | None = None,
         partition_group: Any = None,
         fused: bool = False,
+        trace_dtype: torch.dtype | str | None = None,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -157,6 +161,7 @@ class MetaOptimize(Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
         self._fused = fused
+        self._trace_dtype = _check_trace_dtype(trace_dtype)
         self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
@@ -326,14 +331,16 @@ class MetaOptimize(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state.update(self._base.init_state(p, group))
         if self._meta.active:
-            state["trace"] = torch.zeros_like(
-                p, dtype=state_dtype(p), memory_format=torch.preserve_format
-            )
+            state["trace"] = self._new_trace(p)
         if self.layout.per_weight:
             log_alpha = torch.full_like(p, math.log(group["alpha0"]), dtype=state_dtype(p))
             state["log_alpha"] = log_alpha
             for key, value in self._meta.init_state(log_alpha).items():
                 state[_META_PREFIX + key] = value
+
+    def _new_trace(self, p: Tensor) -> Tensor:
+        dtype = self._trace_dtype or state_dtype(p)
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _block_indices(self, blocks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Device tensors for the active params' block ids and the active-block mask (cached)."""
@@ -374,7 +381,7 @@ class MetaOptimize(Optimizer):
         z_weight: list[Tensor] = []
         if meta_active and not layout.per_weight:
             partials = [
-                torch.dot(e.state["trace"].flatten(), e.grad.flatten()).to(
+                torch.dot(e.state["trace"].flatten().to(e.grad.dtype), e.grad.flatten()).to(
                     self._home, self._beta_dtype
                 )
                 * e.share
@@ -482,9 +489,7 @@ class MetaOptimize(Optimizer):
                     self._init_state(p, group, state)
                 elif self._meta.active and "trace" not in state:
                     # Loaded from a run whose meta rule was off: start the trace at zero.
-                    state["trace"] = torch.zeros_like(
-                        p, dtype=state_dtype(p), memory_format=torch.preserve_format
-                    )
+                    state["trace"] = self._new_trace(p)
                 local_state = {
                     k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
                 }
@@ -637,6 +642,17 @@ class MetaOptimize(Optimizer):
         for key, value in self._meta_state.items():
             value.copy_(section["meta_state"][key])
         self._skipped.copy_(section["skipped_steps"])
+
+
+def _check_trace_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None:
+        return None
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"Invalid trace_dtype: {value!r}; expected a floating dtype such as torch.bfloat16"
+        )
+    return dtype
 
 
 def _log_bounds(alpha_min: float | None, alpha_max: float | None) -> tuple[float, float]:
