@@ -91,7 +91,7 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
         table[f"MetaOptimize({base}, lion, scalar)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01
         )
-    for base in ("adamw", "lion"):
+    for base in ("adamw", "lion", "adam", "sgdm", "rmsprop", "sgd"):
         table[f"MetaOptimize({base}, lion, scalar, fused)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01, fused=True
         )
@@ -100,6 +100,9 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
     )
     table["MetaOptimize(adamw, lion, weight)"] = lambda p: MetaOptimize(
         p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, blocks="weight"
+    )
+    table["MetaOptimize(adamw, lion, weight, fused)"] = lambda p: MetaOptimize(
+        p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, blocks="weight", fused=True
     )
     if importlib.util.find_spec("prodigyopt"):
         import prodigyopt

@@ -7,19 +7,28 @@ from typing import Any
 import pytest
 import torch
 
+from cases import BASES
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 
+# Every base rule and style, with meta rules and block modes rotating.
+_METAS = ["lion", "adam", "fixed", "sgd", "rmsprop"]
+_BLOCKS = ["scalar", "weight", "tensor", "group"]
 CASES = [
-    {"base": "adamw", "meta": "lion", "blocks": "scalar", "weight_decay": 0.1, "gamma": 1.0},
-    {"base": "adamw", "meta": "adam", "blocks": "weight", "weight_decay": 0.0, "gamma": 0.9},
-    {"base": "adamw", "meta": "fixed", "blocks": "tensor", "weight_decay": 0.1},
-    {"base": "lion", "meta": "lion", "blocks": "tensor", "weight_decay": 0.1, "gamma": 0.99},
-    {"base": "lion", "meta": "sgd", "blocks": "group", "weight_decay": 0.0, "meta_lr": 0.5},
+    {
+        "base": base,
+        **extra,
+        "meta": _METAS[i % 5],
+        "blocks": _BLOCKS[i % 4],
+        "weight_decay": 0.1 if i % 2 == 0 else 0.0,
+        "gamma": (1.0, 0.9)[i % 2],
+        "meta_lr": 0.5 if _METAS[i % 5] == "sgd" else 0.05,
+    }
+    for i, (base, extra) in enumerate(BASES)
 ]
 
 
-@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: f"{k['base']}-{k['meta']}-{k['blocks']}")
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_fused_equals_eager(kwargs: dict[str, Any]) -> None:
     kwargs = {"alpha0": 0.01, "meta_lr": 0.05, **kwargs}
     eager_model = TinyNet()
@@ -61,20 +70,47 @@ def _name(model: torch.nn.Module, param: torch.Tensor) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
 
 
-def test_fused_falls_back_to_eager_for_other_bases() -> None:
-    model = TinyNet()
-    twin = clone_model(model)
-    eager = MetaOptimize(model.parameters(), base="sgdm", meta="adam", alpha0=0.01)
-    fused = MetaOptimize(twin.parameters(), base="sgdm", meta="adam", alpha0=0.01, fused=True)
-    for batch in batches(5):
-        for m, o in ((model, eager), (twin, fused)):
-            o.zero_grad()
-            loss_fn(m, batch).backward()
-            o.step()
-    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(a, b)
+def test_non_contiguous_parameters_use_the_eager_path() -> None:
+    weight = torch.randn(6, 4, dtype=torch.float64).t()  # a transposed (non-contiguous) view
+    eager_param = torch.nn.Parameter(weight.clone().t().contiguous().t())
+    fused_param = torch.nn.Parameter(weight.clone().t().contiguous().t())
+    assert not fused_param.is_contiguous()
+    eager = MetaOptimize([eager_param], base="adam", meta="adam", alpha0=0.01)
+    fused = MetaOptimize([fused_param], base="adam", meta="adam", alpha0=0.01, fused=True)
+    for step in range(5):
+        for param, opt in ((eager_param, eager), (fused_param, fused)):
+            param.grad = (param.detach() * (step + 1)).clone()
+            opt.step()
+    assert torch.equal(eager_param, fused_param)
 
 
 def test_fused_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match=r"Invalid fused: 'yes'"):
         MetaOptimize(TinyNet().parameters(), fused="yes")  # type: ignore[arg-type]
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken() -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("no compiler")
+
+        return fail
+
+    monkeypatch.setattr("metaoptimize.optimizer.compile_parameter_step", broken)
+    model = TinyNet()
+    twin = clone_model(model)
+    eager = MetaOptimize(model.parameters(), base="adamw", meta="lion", alpha0=0.01)
+    fused = MetaOptimize(twin.parameters(), base="adamw", meta="lion", alpha0=0.01, fused=True)
+    for step, batch in enumerate(batches(3)):
+        for m, o in ((model, eager), (twin, fused)):
+            o.zero_grad()
+            loss_fn(m, batch).backward()
+            if o is fused and step == 0:
+                with pytest.warns(RuntimeWarning, match=r"torch.compile failed .*no compiler"):
+                    o.step()
+            else:
+                o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -1,211 +1,34 @@
-"""Fused per-tensor kernels (torch.compile) for the AdamW and Lion bases.
+"""The per-parameter update of one step, eager or compiled into one fused kernel.
 
-Each kernel does the base update, the trace update and the weight update of one parameter in
-one pass over memory (Inductor fuses the elementwise body into one loop on CPU and one kernel on
-CUDA). The meta-gradient partial sum ``<h, g>`` is taken before the update, by the caller, with
-the trace from before this step. Every per-step scalar is a 0-d tensor so the kernels compile
-once per dtype and device; they are compiled with dynamic shapes.
-
-The math is exactly the eager path's (``base.py`` and ``MetaOptimize.step``): tests compare the
-two in float64 (tests/test_fused.py).
+:func:`parameter_step` is the whole update of one parameter after the meta-gradient was taken:
+the base rule's direction, the Hessian-free trace and the weight step. The eager path calls it
+as it is. ``fused=True`` calls a ``torch.compile``-d copy on flat views of the tensors, so
+Inductor fuses the elementwise body into one loop (CPU) or kernel (CUDA) for every base rule.
+Per-step scalars are 0-d tensors; one compiled graph (dynamic shapes) serves every parameter
+shape of a given dtype and group.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["fused_step", "supports_fused"]
+from metaoptimize.base import BaseRule
 
-FUSED_BASES = ("adamw", "lion")
-
-
-def supports_fused(base: str, group: dict[str, Any], param: Tensor, grad: Tensor) -> bool:
-    """Whether the fused kernel covers this base rule, group and (contiguous) parameter."""
-    return (
-        base in FUSED_BASES
-        and group["base_style"] == "torch"
-        and param.is_contiguous()
-        and grad.is_contiguous()
-    )
+__all__ = [
+    "compile_parameter_step",
+    "fused_parameter_step",
+    "parameter_step",
+    "supports_fused",
+]
 
 
-def _adamw_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    bias1: Tensor,
-    bias2_sqrt: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    kappa: float,
-) -> Tensor:
-    g = torch.where(finite, grad, 0.0)
-    exp_avg.copy_(exp_avg + (ok * (1.0 - beta1)) * (g - exp_avg))
-    exp_avg_sq.copy_(exp_avg_sq + (ok * (1.0 - beta2)) * (g * g - exp_avg_sq))
-    u = (exp_avg / bias1) / (exp_avg_sq.sqrt() / bias2_sqrt + eps)
-    return -(u + kappa * param) * alpha
-
-
-def _lion_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    beta1: float,
-    beta2: float,
-    kappa: float,
-) -> Tensor:
-    g = torch.where(finite, grad, 0.0)
-    u = torch.sign(exp_avg + (1.0 - beta1) * (g - exp_avg))
-    exp_avg.copy_(exp_avg + (ok * (1.0 - beta2)) * (g - exp_avg))
-    return -(u + kappa * param) * alpha
-
-
-def _apply(
-    param: Tensor,
-    trace: Tensor | None,
-    delta: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    kappa: float,
-    gamma: float,
-) -> None:
-    if trace is not None:
-        decay = (1.0 + ok * (gamma - 1.0)) * (1.0 - alpha * kappa)
-        trace.copy_(trace * decay + delta)
-    param.copy_(param + delta)
-
-
-# Four entry points with distinct code objects, so each has its own compile cache: with and
-# without a trace (meta rule off), for each base.
-def _adamw_with_trace(
-    param: Tensor,
-    trace: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    bias1: Tensor,
-    bias2_sqrt: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    kappa: float,
-    gamma: float,
-) -> None:
-    delta = _adamw_update(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        finite,
-        ok,
-        alpha,
-        bias1,
-        bias2_sqrt,
-        beta1,
-        beta2,
-        eps,
-        kappa,
-    )
-    _apply(param, trace, delta, ok, alpha, kappa, gamma)
-
-
-def _adamw_without_trace(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    bias1: Tensor,
-    bias2_sqrt: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    kappa: float,
-) -> None:
-    delta = _adamw_update(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        finite,
-        ok,
-        alpha,
-        bias1,
-        bias2_sqrt,
-        beta1,
-        beta2,
-        eps,
-        kappa,
-    )
-    _apply(param, None, delta, ok, alpha, kappa, 1.0)
-
-
-def _lion_with_trace(
-    param: Tensor,
-    trace: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    beta1: float,
-    beta2: float,
-    kappa: float,
-    gamma: float,
-) -> None:
-    delta = _lion_update(param, grad, exp_avg, finite, ok, alpha, beta1, beta2, kappa)
-    _apply(param, trace, delta, ok, alpha, kappa, gamma)
-
-
-def _lion_without_trace(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
-    beta1: float,
-    beta2: float,
-    kappa: float,
-) -> None:
-    delta = _lion_update(param, grad, exp_avg, finite, ok, alpha, beta1, beta2, kappa)
-    _apply(param, None, delta, ok, alpha, kappa, 1.0)
-
-
-_BODIES: dict[str, Callable[..., None]] = {
-    "adamw-trace": _adamw_with_trace,
-    "adamw": _adamw_without_trace,
-    "lion-trace": _lion_with_trace,
-    "lion": _lion_without_trace,
-}
-_COMPILED: dict[str, Callable[..., None]] = {}
-
-
-def _kernel(name: str) -> Callable[..., None]:
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_BODIES[name], fullgraph=True, dynamic=True)
-    return _COMPILED[name]
-
-
-def fused_step(
-    base: str,
+def parameter_step(
+    rule: BaseRule,
     param: Tensor,
     grad: Tensor,
     state: dict[str, Tensor],
@@ -214,38 +37,93 @@ def fused_step(
     ok: Tensor,
     alpha: Tensor,
     with_trace: bool,
+    decoupled: bool,
 ) -> None:
-    """Apply one fused AdamW or Lion step (base, trace and weights) to ``param`` in place.
+    """Base step, trace update and weight step of one parameter, in place.
 
-    ``alpha`` already includes the group's ``lr`` and ``ok`` (0 on a skipped step).
+    Args:
+        rule: the base rule.
+        param: the weights (local shard for DTensors).
+        grad: the gradient, in the state dtype.
+        state: the parameter's optimizer state.
+        group: its param group.
+        finite: 0-d bool, False on a step that is skipped.
+        ok: ``finite`` as 0.0/1.0 in the state dtype.
+        alpha: effective step size ``lr * exp(β) * ok`` (0-d, or parameter-shaped).
+        with_trace: whether the meta rule is active (the trace exists).
+        decoupled: whether weight decay is decoupled for this rule and group.
     """
-    beta1, beta2 = group["betas"]
-    kappa, gamma = group["weight_decay"], group["gamma"]
-    # Flat views: one compiled graph serves every parameter shape (see supports_fused).
-    flat = param.view(-1)
-    flat_alpha = alpha.reshape(-1) if alpha.dim() else alpha.reshape(1)
-    tensors = [grad.view(-1), state["exp_avg"].view(-1)]
-    if base == "adamw":
-        step = state["step"]
-        step.add_(ok)
-        clamped = step.clamp_min(1.0)
-        bias1 = 1.0 - torch.pow(beta1, clamped)
-        bias2_sqrt = (1.0 - torch.pow(beta2, clamped)).sqrt()
-        tensors.append(state["exp_avg_sq"].view(-1))
-        scalars: tuple[Any, ...] = (
-            finite,
-            ok,
-            flat_alpha,
-            bias1,
-            bias2_sqrt,
-            beta1,
-            beta2,
-            group["eps"],
-            kappa,
-        )
+    grad = torch.where(finite, grad, 0.0)
+    u, slope = rule.direction(param, grad, state, group, ok)
+    kappa = group["weight_decay"]
+    if decoupled and kappa:
+        delta = u.add(param.to(u.dtype), alpha=kappa).mul_(-alpha)
     else:
-        scalars = (finite, ok, flat_alpha, beta1, beta2, kappa)
+        delta = u * (-alpha)
     if with_trace:
-        _kernel(f"{base}-trace")(flat, state["trace"].view(-1), *tensors, *scalars, gamma)
-    else:
-        _kernel(base)(flat, *tensors, *scalars)
+        trace = state["trace"]
+        gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
+        if kappa:
+            # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
+            decay = 1.0 - alpha * (kappa if decoupled else kappa * cast(Tensor, slope))
+            trace.mul_(gamma * decay)
+        else:
+            trace.mul_(gamma)
+        trace.add_(delta)
+    param.add_(delta.to(param.dtype))
+
+
+def supports_fused(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+    """The fused kernel works on flat views: every tensor must be contiguous."""
+    return (
+        param.is_contiguous()
+        and grad.is_contiguous()
+        and all(v.is_contiguous() for v in state.values() if isinstance(v, Tensor))
+    )
+
+
+def compile_parameter_step() -> Callable[..., None]:
+    """A compiled :func:`parameter_step` with a compile cache of its own.
+
+    torch.compile keeps one cache per code object, with a small recompile limit; every
+    optimizer gets its own copy of the code so that one process can run many optimizers
+    (the benchmark harness does) without exhausting a shared cache.
+    """
+    code = parameter_step.__code__
+    copy = types.FunctionType(
+        code.replace(), parameter_step.__globals__, code.co_name, parameter_step.__defaults__
+    )
+    return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True))
+
+
+def fused_parameter_step(
+    compiled: Callable[..., None],
+    rule: BaseRule,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    finite: Tensor,
+    ok: Tensor,
+    alpha: Tensor,
+    with_trace: bool,
+    decoupled: bool,
+) -> None:
+    """Run ``compiled`` (from :func:`compile_parameter_step`) on flat views of the tensors."""
+    # 0-d state (step counters) goes in as a shape-[1] view too: under torch.compile with
+    # dynamic shapes (torch 2.13) an in-place update of a 0-d input is lost, while the
+    # update of a one-element view reaches the same storage (tests/test_fused.py).
+    flat_state = {k: v.view(-1) if isinstance(v, Tensor) else v for k, v in state.items()}
+    flat_alpha = alpha.view(-1) if alpha.dim() else alpha
+    compiled(
+        rule,
+        param.view(-1),
+        grad.view(-1),
+        flat_state,
+        group,
+        finite,
+        ok,
+        flat_alpha,
+        with_trace,
+        decoupled,
+    )

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaoptimize._fused import fused_step, supports_fused
+from metaoptimize._fused import (
+    compile_parameter_step,
+    fused_parameter_step,
+    parameter_step,
+    supports_fused,
+)
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
@@ -87,9 +93,9 @@ class MetaOptimize(Optimizer):
             group across which the parameters are partitioned: block meta-gradients are
             all-reduced over it. FSDP2 (DTensor parameters) needs no argument: the group is
             taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
-        fused: use the ``torch.compile``-d one-pass kernel for the adamw and lion bases
-            (other bases, and ``base_style="paper"``, keep the eager path). The first step
-            compiles (seconds); see docs/performance.md.
+        fused: run each parameter's update through ``torch.compile`` (one fused pass over
+            memory, every base rule; tensors must be contiguous, others use the eager path).
+            The first step compiles (seconds); see docs/performance.md.
         trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
             example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
             accumulated in the gradient's dtype (docs/performance.md measures the effect).
@@ -161,6 +167,7 @@ class MetaOptimize(Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
         self._fused = fused
+        self._compiled: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
@@ -338,6 +345,11 @@ class MetaOptimize(Optimizer):
             for key, value in self._meta.init_state(log_alpha).items():
                 state[_META_PREFIX + key] = value
 
+    def _compiled_step(self) -> Callable[..., None]:
+        if self._compiled is None:
+            self._compiled = compile_parameter_step()
+        return self._compiled
+
     def _new_trace(self, p: Tensor) -> Tensor:
         dtype = self._trace_dtype or state_dtype(p)
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -429,30 +441,34 @@ class MetaOptimize(Optimizer):
                 alpha = state["log_alpha"].exp().mul_(scale)
             else:
                 alpha = alpha_blocks[block].to(grad.device, grad.dtype) * scale
-            if self._fused and supports_fused(self._base.name, group, p, grad):
-                fused_step(
-                    self._base.name, p, grad, state, group, finite_here, ok, alpha, meta_active
-                )
-                continue
-            grad = torch.where(finite_here, grad, 0.0)
-            u, slope = self._base.direction(p, grad, state, group, ok)
-            kappa = group["weight_decay"]
             decoupled = is_decoupled(self._base, group)
-            if decoupled and kappa:
-                delta = u.add(p.to(u.dtype), alpha=kappa).mul_(-alpha)
-            else:
-                delta = u * (-alpha)
-            if meta_active:
-                trace = state["trace"]
-                gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
-                if kappa:
-                    # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
-                    decay = 1.0 - alpha * (kappa if decoupled else kappa * cast(Tensor, slope))
-                    trace.mul_(gamma * decay)
-                else:
-                    trace.mul_(gamma)
-                trace.add_(delta)
-            p.add_(delta.to(p.dtype))
+            if self._fused and supports_fused(p, grad, state):
+                try:
+                    fused_parameter_step(
+                        self._compiled_step(),
+                        self._base,
+                        p,
+                        grad,
+                        state,
+                        group,
+                        finite_here,
+                        ok,
+                        alpha,
+                        meta_active,
+                        decoupled,
+                    )
+                    continue
+                except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
+                    self._fused = False
+                    warnings.warn(
+                        f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}"
+                        "); continuing with the eager path",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            parameter_step(
+                self._base, p, grad, state, group, finite_here, ok, alpha, meta_active, decoupled
+            )
 
         # 3. Meta step on β = log α (after the weight step, as in the paper).
         if meta_active:
