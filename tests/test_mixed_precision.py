@@ -1,0 +1,83 @@
+"""Mixed precision: GradScaler and autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metaoptimize import MetaOptimize
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(32, 8, generator=generator), torch.randn(32, 1, generator=generator))
+        for _ in range(steps)
+    ]
+
+
+def test_grad_scaler_unscales_before_the_meta_gradient_and_skips_overflow() -> None:
+    """A power-of-two loss scale must not change anything, and an overflowing step is
+    skipped by the scaler without touching the optimizer."""
+    data = _data(12)
+    plain_model, scaled_model = _model(), _model()
+    kwargs = {"base": "adamw", "meta": "adam", "alpha0": 1e-2, "meta_lr": 0.05}
+    plain = MetaOptimize(plain_model.parameters(), **kwargs)
+    scaled = MetaOptimize(scaled_model.parameters(), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    for step, (x, y) in enumerate(data):
+        plain.zero_grad()
+        (plain_model(x) - y).square().mean().backward()
+        plain.step()
+
+        scaled.zero_grad()
+        loss = (scaled_model(x) - y).square().mean()
+        scaler.scale(loss).backward()
+        if step == 5:  # an overflow the scaler must catch: the step is skipped entirely
+            before = [p.detach().clone() for p in scaled_model.parameters()]
+            sizes_before = scaled.step_sizes()["all"].clone()
+            next(scaled_model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(scaled)
+            scaler.update()
+            assert all(
+                torch.equal(a, b) for a, b in zip(before, scaled_model.parameters(), strict=True)
+            )
+            assert torch.equal(scaled.step_sizes()["all"], sizes_before)
+            scaled.zero_grad()
+            loss = (scaled_model(x) - y).square().mean()
+            scaler.scale(loss).backward()
+        scaler.step(scaled)
+        scaler.update()
+    for a, b in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        scaled.step_sizes()["all"], plain.step_sizes()["all"], rtol=1e-6, atol=0
+    )
+    assert scaled.skipped_steps.item() == 0  # the scaler skipped it, not our guard
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_training_is_finite_with_fp32_state(dtype: torch.dtype) -> None:
+    model = _model()
+    opt = MetaOptimize(
+        model.parameters(), base="adamw", meta="lion", alpha0=1e-3, meta_lr=1e-2, blocks="tensor"
+    )
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    for x, y in _data(20):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = (model(x) - y).square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert {v.dtype for s in opt.state.values() for v in s.values()} == {torch.float32}
+    sizes = torch.stack(list(opt.step_sizes().values()))
+    assert torch.isfinite(sizes).all()
+    assert (sizes != 1e-3).any()
