@@ -81,3 +81,42 @@ def test_autocast_training_is_finite_with_fp32_state(dtype: torch.dtype) -> None
     sizes = torch.stack(list(opt.step_sizes().values()))
     assert torch.isfinite(sizes).all()
     assert (sizes != 1e-3).any()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kahan_summation_keeps_small_updates_of_bf16_weights(fused: bool) -> None:
+    """Updates below half a bf16 rounding step vanish with plain rounding; with Kahan
+    summation the bf16 weights follow the float32 run to within one rounding step."""
+    finals = {}
+    for mode in ("float32", "bf16", "bf16-kahan"):
+        dtype = torch.float32 if mode == "float32" else torch.bfloat16
+        weight = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+        opt = MetaOptimize(
+            [weight],
+            base="sgd",
+            meta="fixed",
+            alpha0=1e-3,
+            fused=fused,
+            kahan_summation=mode == "bf16-kahan",
+        )
+        for _ in range(200):
+            weight.grad = torch.full_like(weight, 1.0)  # each step moves w by -1e-3
+            opt.step()
+        finals[mode] = weight.detach().float()
+    # bf16 spacing just below 1.0 is 2**-8 ~ 0.0039: a 1e-3 step rounds back to 1.0
+    assert torch.equal(finals["bf16"], torch.ones(64))
+    torch.testing.assert_close(finals["float32"], torch.full((64,), 0.8), rtol=1e-4, atol=0)
+    assert (finals["bf16-kahan"] - finals["float32"]).abs().max() <= 2**-9
+
+
+def test_kahan_state_is_saved_and_only_for_low_precision() -> None:
+    low = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(4))
+    opt = MetaOptimize([low, full], base="adamw", meta="lion", kahan_summation=True)
+    low.grad, full.grad = torch.ones_like(low), torch.ones_like(full)
+    opt.step()
+    assert opt.state[low]["kahan_comp"].dtype == torch.bfloat16
+    assert "kahan_comp" not in opt.state[full]
+    assert "kahan_comp" in opt.state_dict()["state"][0]
+    with pytest.raises(TypeError, match=r"Invalid kahan_summation: 1"):
+        MetaOptimize([full], kahan_summation=1)  # type: ignore[arg-type]

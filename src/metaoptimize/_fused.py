@@ -70,7 +70,17 @@ def parameter_step(
         else:
             trace.mul_(gamma)
         trace.add_(delta)
-    param.add_(delta.to(param.dtype))
+    if "kahan_comp" in state:
+        # Kahan-compensated update of low-precision weights: the part of the update that
+        # rounding to the parameter's dtype loses is carried to the next step.
+        comp = state["kahan_comp"]
+        total = comp.to(delta.dtype) + delta
+        old = param.to(delta.dtype)
+        new = (old + total).to(param.dtype)
+        comp.copy_(total - (new.to(delta.dtype) - old))
+        param.copy_(new)
+    else:
+        param.add_(delta.to(param.dtype))
 
 
 def supports_fused(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
@@ -93,7 +103,11 @@ def compile_parameter_step() -> Callable[..., None]:
     copy = types.FunctionType(
         code.replace(), parameter_step.__globals__, code.co_name, parameter_step.__defaults__
     )
-    return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True))
+    # emulate_precision_casts: keep the rounding of low-precision casts (the Kahan update
+    # measures what rounding to bfloat16 lost; without it Inductor skips the round trip).
+    compiled = torch.compile(copy, fullgraph=True, dynamic=True,
+                             options={"emulate_precision_casts": True})
+    return cast(Callable[..., None], compiled)
 
 
 def fused_parameter_step(

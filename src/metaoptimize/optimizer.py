@@ -99,6 +99,9 @@ class MetaOptimize(Optimizer):
         trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
             example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
             accumulated in the gradient's dtype (docs/performance.md measures the effect).
+        kahan_summation: for bfloat16/float16 parameters, keep a compensation buffer (same
+            dtype as the parameter) so that updates smaller than the weights' rounding step are
+            not lost (pure low-precision training). Ignored for float32/float64 parameters.
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -143,6 +146,7 @@ class MetaOptimize(Optimizer):
         partition_group: Any = None,
         fused: bool = False,
         trace_dtype: torch.dtype | str | None = None,
+        kahan_summation: bool = False,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -169,6 +173,9 @@ class MetaOptimize(Optimizer):
         self._fused = fused
         self._compiled: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
+        if not isinstance(kahan_summation, bool):
+            raise TypeError(f"Invalid kahan_summation: {kahan_summation!r}; expected a bool")
+        self._kahan = kahan_summation
         self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
@@ -339,6 +346,8 @@ class MetaOptimize(Optimizer):
         state.update(self._base.init_state(p, group))
         if self._meta.active:
             state["trace"] = self._new_trace(p)
+        if self._kahan and p.dtype in (torch.bfloat16, torch.float16):
+            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.layout.per_weight:
             log_alpha = torch.full_like(p, math.log(group["alpha0"]), dtype=state_dtype(p))
             state["log_alpha"] = log_alpha
