@@ -105,8 +105,9 @@ def compile_parameter_step() -> Callable[..., None]:
     )
     # emulate_precision_casts: keep the rounding of low-precision casts (the Kahan update
     # measures what rounding to bfloat16 lost; without it Inductor skips the round trip).
-    compiled = torch.compile(copy, fullgraph=True, dynamic=True,
-                             options={"emulate_precision_casts": True})
+    compiled = torch.compile(
+        copy, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True}
+    )
     return cast(Callable[..., None], compiled)
 
 
