@@ -1,0 +1,405 @@
+"""MetaOptimize for JAX as an ``optax.GradientTransformation`` (optional: needs jax and optax).
+
+Same names, defaults and semantics as the PyTorch :class:`metaoptimize.MetaOptimize`, step for
+step (tests/test_optax.py runs both on the same model in float64). Every base rule (sgd, sgdm,
+rmsprop, adam, adamw, lion, with ``base_style="paper"``) and meta rule (fixed, sgd, rmsprop,
+adam, lion) is supported, with blocks ``"scalar"``, ``"tensor"`` (one per leaf) and ``"weight"``.
+
+Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from metaoptimize.optax import metaoptimize, step_sizes
+    >>> params = {"w": jnp.ones(3)}
+    >>> opt = metaoptimize(base="adamw", meta="lion", alpha0=1e-3)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> list(step_sizes(state, params))
+    ['all']
+
+Sharded parameters need nothing special: under ``jax.jit`` the per-block meta-gradient is a
+reduction over the whole (global) array, so XLA inserts the cross-device sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import optax  # type: ignore[import-untyped]
+
+from metaoptimize._validation import check_betas, check_number, check_range
+
+__all__ = ["MetaOptimizeState", "metaoptimize", "step_sizes"]
+
+Array = jax.Array
+_BETAS: dict[str, tuple[float, ...] | None] = {
+    "sgd": None,
+    "sgdm": None,
+    "rmsprop": (0.99,),
+    "adam": (0.9, 0.999),
+    "adamw": (0.9, 0.999),
+    "lion": (0.9, 0.99),
+}
+_MOMENTUM = {"sgdm": 0.9, "rmsprop": 0.0}
+_META_BETAS: dict[str, tuple[float, ...] | None] = {
+    "fixed": None,
+    "sgd": None,
+    "rmsprop": (0.999,),
+    "adam": (0.9, 0.999),
+    "lion": (0.9, 0.99),
+}
+_BASE_STATE = {
+    "sgd": (),
+    "sgdm": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "lion": ("exp_avg",),
+}
+_META_STATE = {
+    "fixed": (),
+    "sgd": (),
+    "rmsprop": ("step", "square_avg"),
+    "adam": ("step", "exp_avg", "exp_avg_sq"),
+    "lion": ("exp_avg",),
+}
+
+
+class MetaOptimizeState(NamedTuple):
+    """State of :func:`metaoptimize`.
+
+    Attributes:
+        steps: base steps taken (skipped steps excluded).
+        log_alpha: one array per block: 0-d for "scalar"/"tensor", leaf-shaped for "weight".
+        meta: meta-rule state, a dict of per-block lists like ``log_alpha``.
+        base: base-rule state, a dict of per-leaf lists (``exp_avg``, ...).
+        trace: the trace ``h``, one array per leaf (empty when the meta rule is off).
+        skipped: number of steps skipped because a gradient or meta-gradient was not finite.
+    """
+
+    steps: Array
+    log_alpha: list[Array]
+    meta: dict[str, list[Array]]
+    base: dict[str, list[Array]]
+    trace: list[Array]
+    skipped: Array
+
+
+def _safe_div(numerator: Array, denominator: Array) -> Array:
+    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+def _lerp(start: Array, end: Array, weight: Array | float) -> Array:
+    return start + weight * (end - start)
+
+
+def _bias(beta: float, count: Array) -> Array:
+    return 1.0 - beta ** jnp.maximum(count, 1.0)
+
+
+def _direction(
+    base: str,
+    style: str,
+    w: Array,
+    g: Array,
+    st: dict[str, Array],
+    count: Array,
+    ok: Array,
+    hp: dict[str, Any],
+) -> tuple[Array, Array | None, dict[str, Array]]:
+    """One leaf's base update: (u, ∂u/∂g̃ or None, new state). Mirrors metaoptimize/base.py."""
+    kappa, eps, mu = hp["weight_decay"], hp["eps"], hp["momentum"]
+    l2 = 0.0 if base in ("adamw", "lion") or style == "paper" else kappa
+    gt = g + l2 * w if l2 else g
+    after = count + ok
+    if base == "sgd":
+        return gt, (jnp.ones_like(count) if l2 else None), {}
+    if base == "sgdm" and style == "paper":
+        buf = st["momentum_buffer"]
+        return buf, None, {"momentum_buffer": _lerp(buf, g, ok * (1.0 - mu))}
+    if base == "sgdm":
+        coef = 1.0 - hp["dampening"] * (count > 0).astype(g.dtype)
+        buf = st["momentum_buffer"] * (1.0 + ok * (mu - 1.0)) + gt * (ok * coef)
+        if hp["nesterov"]:
+            return gt + mu * buf, (1.0 + mu * coef if l2 else None), {"momentum_buffer": buf}
+        return buf, (coef if l2 else None), {"momentum_buffer": buf}
+    if base == "rmsprop":
+        (smoothing,) = hp["betas"]
+        square_avg = _lerp(st["square_avg"], gt * gt, ok * (1.0 - smoothing))
+        new: dict[str, Array] = {"square_avg": square_avg}
+        if style == "paper":
+            rms = jnp.sqrt(square_avg / _bias(smoothing, after))
+            return g / (rms + eps), None, new
+        grad_avg = None
+        if hp["centered"]:
+            grad_avg = _lerp(st["grad_avg"], gt, ok * (1.0 - smoothing))
+            new["grad_avg"] = grad_avg
+            rms = jnp.sqrt(square_avg - grad_avg * grad_avg)
+        else:
+            rms = jnp.sqrt(square_avg)
+        denom = rms + eps
+        u = gt / denom
+        if mu > 0:
+            u = st["momentum_buffer"] * (1.0 + ok * (mu - 1.0)) + u * ok
+            new["momentum_buffer"] = u
+        if not l2:
+            return u, None, new
+        centred = gt if grad_avg is None else gt - grad_avg
+        return (
+            u,
+            1.0 / denom - _safe_div((1.0 - smoothing) * gt * centred, rms * denom * denom),
+            new,
+        )
+    if base in ("adam", "adamw"):
+        beta1, beta2 = hp["betas"]
+        exp_avg = _lerp(st["exp_avg"], gt, ok * (1.0 - beta1))
+        exp_avg_sq = _lerp(st["exp_avg_sq"], gt * gt, ok * (1.0 - beta2))
+        bias1, bias2 = _bias(beta1, after), _bias(beta2, after)
+        rms = jnp.sqrt(exp_avg_sq) / jnp.sqrt(bias2)
+        denom = rms + eps
+        m_hat = exp_avg / bias1
+        new = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if not l2:
+            return m_hat / denom, None, new
+        c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
+        return m_hat / denom, c1 / denom - _safe_div(c2 * m_hat * gt, rms * denom * denom), new
+    beta1, beta2 = hp["betas"]  # lion
+    exp_avg = st["exp_avg"]
+    u = jnp.sign(_lerp(exp_avg, g, 1.0 - beta1))
+    return u, None, {"exp_avg": _lerp(exp_avg, g, ok * (1.0 - beta2))}
+
+
+def _meta_update(
+    meta: str,
+    beta: Array,
+    z: Array,
+    st: dict[str, Array],
+    eta: float,
+    betas: tuple[float, ...] | None,
+    eps: float,
+) -> tuple[Array, dict[str, Array]]:
+    """One block's meta update (mirrors metaoptimize/meta.py)."""
+    if meta == "sgd":
+        return beta - eta * z, st
+    if meta == "lion":
+        assert betas is not None
+        c, rho = betas
+        return (
+            beta - eta * jnp.sign(_lerp(st["exp_avg"], z, 1.0 - c)),
+            {"exp_avg": _lerp(st["exp_avg"], z, 1.0 - rho)},
+        )
+    if meta == "adam":
+        assert betas is not None
+        beta1, beta2 = betas
+        step = st["step"] + 1.0
+        exp_avg = _lerp(st["exp_avg"], z, 1.0 - beta1)
+        exp_avg_sq = _lerp(st["exp_avg_sq"], z * z, 1.0 - beta2)
+        m_hat = exp_avg / (1.0 - beta1**step)
+        rms = jnp.sqrt(exp_avg_sq / (1.0 - beta2**step))
+        return (
+            beta - eta * m_hat / (rms + eps),
+            {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+        )
+    if meta == "rmsprop":
+        assert betas is not None
+        (smoothing,) = betas
+        step = st["step"] + 1.0
+        square_avg = _lerp(st["square_avg"], z * z, 1.0 - smoothing)
+        rms = jnp.sqrt(square_avg / (1.0 - smoothing**step))
+        return beta - eta * z / (rms + eps), {"step": step, "square_avg": square_avg}
+    return beta, st  # fixed
+
+
+def metaoptimize(
+    base: str = "adamw",
+    meta: str = "lion",
+    *,
+    alpha0: float = 1e-6,
+    meta_lr: float = 1e-3,
+    gamma: float = 1.0,
+    blocks: str = "scalar",
+    lr: float | Callable[[Array], Array] = 1.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, ...] | None = None,
+    momentum: float | None = None,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    centered: bool = False,
+    eps: float = 1e-8,
+    base_style: str = "torch",
+    meta_betas: tuple[float, ...] | None = None,
+    meta_eps: float = 1e-8,
+    alpha_min: float | None = None,
+    alpha_max: float | None = None,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """Hessian-free MetaOptimize as an optax transformation; arguments as in MetaOptimize.
+
+    ``lr`` is the multiplier on the learned step size (a float or an optax schedule of the
+    step count). ``mask`` (a pytree of bools, or a callable returning one) selects the leaves
+    that get weight decay, as in ``optax.adamw``. Updates are the applied changes ``Δw``: use
+    ``optax.apply_updates``.
+
+    Raises:
+        ValueError: an invalid argument, named in the message.
+    """
+    if base not in _BETAS:
+        raise ValueError(f"Invalid base: {base!r}; choose one of {sorted(_BETAS)}")
+    if meta not in _META_BETAS:
+        raise ValueError(f"Invalid meta: {meta!r}; choose one of {sorted(_META_BETAS)}")
+    if blocks not in ("scalar", "tensor", "layerwise", "weight"):
+        raise ValueError(f"Invalid blocks: {blocks!r}; choose 'scalar', 'tensor' or 'weight'")
+    if base_style not in ("torch", "paper"):
+        raise ValueError(f"Invalid base_style: {base_style!r}")
+    alpha0 = check_range(alpha0, "alpha0", 0.0, math.inf, low_open=True, high_open=True)
+    meta_lr = check_number(meta_lr, "meta_lr")
+    if meta_lr < 0:
+        raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+    gamma = check_range(gamma, "gamma", 0.0, 1.0)
+    expected = _BETAS[base]
+    if expected is None:
+        if betas is not None:
+            raise ValueError(f"Invalid betas: {betas!r}; base {base!r} takes no betas")
+    else:
+        betas = expected if betas is None else check_betas(betas, len(expected), "betas")
+    meta_expected = _META_BETAS[meta]
+    if meta_expected is not None:
+        meta_betas = (
+            meta_expected
+            if meta_betas is None
+            else check_betas(meta_betas, len(meta_expected), "meta_betas")
+        )
+    hp: dict[str, Any] = {
+        "weight_decay": check_number(weight_decay, "weight_decay"),
+        "eps": eps,
+        "betas": betas,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "centered": centered,
+        "momentum": _MOMENTUM.get(base, 0.0) if momentum is None else momentum,
+    }
+    low = math.log(alpha_min) if alpha_min else -math.inf
+    high = math.log(alpha_max) if alpha_max else math.inf
+    per_weight = blocks == "weight"
+    meta_active = meta != "fixed" and meta_lr > 0
+
+    def state_keys() -> tuple[str, ...]:
+        if base == "rmsprop":
+            keys = ["square_avg"]
+            if hp["centered"] and base_style == "torch":
+                keys.append("grad_avg")
+            if hp["momentum"] > 0 and base_style == "torch":
+                keys.append("momentum_buffer")
+            return tuple(keys)
+        return _BASE_STATE[base]
+
+    def init(params: Any) -> MetaOptimizeState:
+        leaves = jax.tree.leaves(params)
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        if per_weight:
+            log_alpha = [jnp.full_like(p, math.log(alpha0)) for p in leaves]
+        elif blocks == "scalar":
+            log_alpha = [jnp.asarray(math.log(alpha0), dtype)]
+        else:
+            log_alpha = [jnp.asarray(math.log(alpha0), p.dtype) for p in leaves]
+        return MetaOptimizeState(
+            steps=jnp.zeros((), dtype),
+            log_alpha=log_alpha,
+            meta={k: [jnp.zeros_like(b) for b in log_alpha] for k in _META_STATE[meta]},
+            base={k: [jnp.zeros_like(p) for p in leaves] for k in state_keys()},
+            trace=[jnp.zeros_like(p) for p in leaves] if meta_active else [],
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def update(
+        updates: Any, state: MetaOptimizeState, params: Any = None
+    ) -> tuple[Any, MetaOptimizeState]:
+        if params is None:
+            raise ValueError("metaoptimize needs params: call update(grads, state, params)")
+        grads, treedef = jax.tree.flatten(updates)
+        weights = jax.tree.leaves(params)
+        decay_mask = mask(params) if callable(mask) else mask
+        masked = (
+            [True] * len(weights)
+            if decay_mask is None
+            else [bool(m) for m in jax.tree.leaves(decay_mask)]
+        )
+        # 1. meta-gradient with the trace from before this step
+        if meta_active:
+            products = [h * g for h, g in zip(state.trace, grads, strict=True)]
+            if per_weight:
+                z = products
+            elif blocks == "scalar":
+                z = [sum(jnp.sum(p) for p in products)]
+            else:
+                z = [jnp.sum(p) for p in products]
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in z]))
+        else:
+            z = []
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+        dtype = state.steps.dtype
+        ok = finite.astype(dtype)
+        scale = (lr(state.steps) if callable(lr) else lr) * ok
+        # 2. base step and trace, with alpha_t
+        new_base: dict[str, list[Array]] = {k: [] for k in state.base}
+        new_trace, deltas = [], []
+        for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
+            g = jnp.where(finite, g, 0.0)
+            leaf_hp = {**hp, "weight_decay": hp["weight_decay"] if masked[i] else 0.0}
+            kappa = leaf_hp["weight_decay"]
+            leaf_state = {k: v[i] for k, v in state.base.items()}
+            u, slope, leaf_new = _direction(
+                base, base_style, w, g, leaf_state, state.steps, ok, leaf_hp
+            )
+            for key, values in new_base.items():
+                values.append(leaf_new.get(key, leaf_state[key]))
+            block = 0 if blocks == "scalar" else i
+            alpha = jnp.exp(state.log_alpha[block]) * scale
+            decoupled = base in ("adamw", "lion") or base_style == "paper"
+            delta = -(u + kappa * w) * alpha if decoupled and kappa else -u * alpha
+            if meta_active:
+                gamma_eff = 1.0 + ok * (gamma - 1.0)
+                if kappa:
+                    decay = 1.0 - alpha * (kappa if decoupled else kappa * cast(Array, slope))
+                    new_trace.append(state.trace[i] * (gamma_eff * decay) + delta)
+                else:
+                    new_trace.append(state.trace[i] * gamma_eff + delta)
+            deltas.append(delta.astype(w.dtype))
+        # 3. meta step on log(alpha), kept only on a finite step
+        log_alpha, meta_state = list(state.log_alpha), {k: list(v) for k, v in state.meta.items()}
+        if meta_active:
+            for b, zb in enumerate(z):
+                old = {k: v[b] for k, v in state.meta.items()}
+                new_beta, new_st = _meta_update(
+                    meta, state.log_alpha[b], zb, old, meta_lr, meta_betas, meta_eps
+                )
+                new_beta = jnp.clip(new_beta, low, high)
+                log_alpha[b] = jnp.where(finite, new_beta, state.log_alpha[b])
+                for k, values in meta_state.items():
+                    values[b] = jnp.where(finite, new_st[k], old[k])
+        new_state = MetaOptimizeState(
+            steps=state.steps + ok,
+            log_alpha=log_alpha,
+            meta=meta_state,
+            base=new_base,
+            trace=new_trace if meta_active else [],
+            skipped=state.skipped + (1 - finite.astype(jnp.int32)),
+        )
+        return jax.tree.unflatten(treedef, deltas), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def step_sizes(state: MetaOptimizeState, params: Any) -> dict[str, Array]:
+    """Learned step sizes by block: ``{"all": α}`` for a single block, else by leaf path.
+
+    (With ``blocks="tensor"`` and a single-leaf model the one block is also called "all".)
+    """
+    if len(state.log_alpha) == 1 and state.log_alpha[0].ndim == 0:
+        return {"all": jnp.exp(state.log_alpha[0])}
+    paths = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+    return {path: jnp.exp(beta) for path, beta in zip(paths, state.log_alpha, strict=True)}
