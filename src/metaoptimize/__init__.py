@@ -10,6 +10,7 @@ from metaoptimize.blocks import BLOCK_MODES, BlockLayout
 from metaoptimize.meta import META_RULES
 from metaoptimize.optimizer import MetaOptimize
 from metaoptimize.reference import ReferenceMetaOptimize
+from metaoptimize.wrap import MetaOptimizeWrapper, wrap
 
 __version__ = "0.1.0.dev0"
 
@@ -19,7 +20,9 @@ __all__ = [
     "META_RULES",
     "BlockLayout",
     "MetaOptimize",
+    "MetaOptimizeWrapper",
     "ReferenceMetaOptimize",
     "__version__",
     "presets",
+    "wrap",
 ]

@@ -1,0 +1,280 @@
+"""MetaOptimize around any ``torch.optim.Optimizer`` instance: :func:`wrap`.
+
+The wrapped optimizer takes its own step at its own learning rate; the wrapper observes the
+update it applied, ``Δ = w_after - w_before``, and rescales it per block by ``α_b / α0``,
+where ``α0`` is the inner group's learning rate at wrap time and ``α_b`` the learned step size.
+For optimizers whose update is proportional to the learning rate and whose state does not
+depend on it (SGD, SGD with momentum, Adam, AdamW, RMSprop, Lion-style rules), this is
+exactly MetaOptimize with that base rule. The trace and the meta rule are the same as in
+:class:`metaoptimize.MetaOptimize` (docs/math.md).
+
+Trace decay factor ``∂w_{t+1}/∂w_t`` (weight decay κ): torch.optim.SGD, Adam, AdamW and RMSprop
+get the exact Hessian-free factor of docs/math.md §4, read from the inner optimizer's own state.
+Any other optimizer gets ``1 - α κ`` when its group has a ``weight_decay`` (the decoupled form),
+and 1 otherwise: an approximation, documented in docs/math.md §10.
+
+Limits: the inner step cannot be skipped without a host synchronisation, so on a non-finite
+meta-gradient the wrapper keeps the step sizes, meta state and trace unchanged but the inner
+optimizer still steps (use a GradScaler for overflow). The wrapper keeps one copy of the
+weights during the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
+from metaoptimize.meta import MetaRule, get_meta_rule
+
+__all__ = ["MetaOptimizeWrapper", "wrap"]
+
+
+def _safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
+
+
+def _l2_slope(
+    inner: Optimizer,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    grad: Tensor,
+    param_before: Tensor,
+    first_step: bool,
+) -> Tensor | float | None:
+    """∂u/∂g̃ of the inner step just taken, for torch's L2-decay optimizers (math.md §4)."""
+    kappa = group.get("weight_decay", 0.0)
+    g = grad + kappa * param_before
+    if isinstance(inner, torch.optim.SGD):
+        mu, damp = group["momentum"], group["dampening"]
+        if mu == 0:
+            return 1.0
+        coef = 1.0 if first_step else 1.0 - damp
+        return 1.0 + mu * coef if group["nesterov"] else coef
+    if isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
+        rms = state["exp_avg_sq"].sqrt() / math.sqrt(bias2)
+        denom = rms + group["eps"]
+        m_hat = state["exp_avg"] / bias1
+        c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
+        adam_slope: Tensor = c1 / denom - _safe_div(c2 * m_hat * g, rms * denom * denom)
+        return adam_slope
+    if isinstance(inner, torch.optim.RMSprop):
+        smoothing = group["alpha"]
+        square_avg = state["square_avg"]
+        if group["centered"]:
+            grad_avg = state["grad_avg"]
+            rms = (square_avg - grad_avg * grad_avg).sqrt()
+            centred = g - grad_avg
+        else:
+            rms, centred = square_avg.sqrt(), g
+        denom = rms + group["eps"]
+        rms_slope: Tensor = 1.0 / denom - _safe_div(
+            (1.0 - smoothing) * g * centred, rms * denom * denom
+        )
+        return rms_slope
+    return None
+
+
+class MetaOptimizeWrapper(Optimizer):
+    """MetaOptimize around an existing optimizer; build it with :func:`wrap`.
+
+    ``param_groups`` and ``state`` are the inner optimizer's own (so lr schedulers, hooks and
+    ``zero_grad`` act on it); a scheduled ``lr`` multiplies the learned step size, as in
+    MetaOptimize. Traces are kept by the wrapper (inner optimizers such as Adam initialise
+    their state only when it is empty) and saved in its state dict.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        meta: str = "lion",
+        *,
+        meta_lr: float = 1e-3,
+        gamma: float = 1.0,
+        blocks: BlocksSpec = "scalar",
+        meta_betas: tuple[float, ...] | None = None,
+        meta_eps: float = 1e-8,
+        alpha_min: float | None = None,
+        alpha_max: float | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"Invalid optimizer: {type(optimizer).__name__}; expected a torch.optim.Optimizer"
+            )
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"Invalid gamma: {gamma}; need a value in [0, 1]")
+        if meta_lr < 0:
+            raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+        self.inner = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
+        self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
+        self._patch_step_function()  # profiling name and hook plumbing of torch.optim
+        self._traces: dict[Tensor, Tensor] = {}
+        self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
+        self.gamma = gamma
+        self.layout: BlockLayout = build_layout(blocks, self.param_groups)
+        for group in self.param_groups:
+            if "lr" not in group or not float(group["lr"]) > 0:
+                raise ValueError(
+                    "Invalid optimizer: every param group needs a positive lr (it becomes alpha0)"
+                )
+            group.setdefault("metaoptimize_alpha0", float(group["lr"]))
+        first = self.param_groups[0]["params"][0]
+        self._low = math.log(alpha_min) if alpha_min else -math.inf
+        self._high = math.log(alpha_max) if alpha_max else math.inf
+        alpha0 = [g["metaoptimize_alpha0"] for g in self.param_groups for _ in g["params"]]
+        if self.layout.per_weight:
+            self._log_alpha = [
+                torch.full_like(
+                    p,
+                    math.log(a),
+                    dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                )
+                for p, a in zip(self._params(), alpha0, strict=True)
+            ]
+        else:
+            values = [0.0] * self.layout.num_blocks
+            for block, a in zip(self.layout.block_of_param, alpha0, strict=True):
+                values[block] = math.log(a)
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+            self._log_alpha = [torch.tensor(values, dtype=dtype, device=first.device)]
+        self._meta_state = [self._meta.init_state(b) for b in self._log_alpha]
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def step_sizes(self) -> dict[str, Tensor]:
+        """Learned step sizes by block (without the lr-schedule multiplier)."""
+        if self.layout.per_weight:
+            return {n: b.exp() for n, b in zip(self.layout.names, self._log_alpha, strict=True)}
+        alpha = self._log_alpha[0].exp()
+        return {name: alpha[i] for i, name in enumerate(self.layout.names)}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Step the inner optimizer, rescale its update per block, update trace and α."""
+        entries = []
+        position = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                block = self.layout.block_of_param[position]
+                position += 1
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                first_step = "momentum_buffer" not in state and "step" not in state
+                trace = self._traces.setdefault(p, torch.zeros_like(p))
+                entries.append(
+                    (group, p, p.grad.clone(), p.detach().clone(), trace, block, first_step)
+                )
+        # meta-gradient with the trace from before this step
+        if self.layout.per_weight:
+            z = [trace * grad for _, _, grad, _, trace, _, _ in entries]
+            finite = torch.stack([torch.isfinite(v).all() for v in z]).all() if z else None
+        else:
+            z_block = torch.zeros_like(self._log_alpha[0])
+            if entries:
+                index = torch.tensor([e[5] for e in entries], device=z_block.device)
+                partials = torch.stack(
+                    [torch.dot(e[4].flatten(), e[2].flatten()).to(z_block) for e in entries]
+                )
+                z_block.index_add_(0, index, partials)
+            finite = torch.isfinite(z_block).all()
+        loss = self.inner.step(closure)
+        if not entries:
+            return loss
+        assert finite is not None
+        ok = finite.to(entries[0][1].dtype)
+        for i, (group, p, grad, before, trace, block, first_step) in enumerate(entries):
+            log_alpha = self._log_alpha[i] if self.layout.per_weight else self._log_alpha[0][block]
+            lr0 = group["metaoptimize_alpha0"]
+            alpha = log_alpha.exp().to(p.dtype) * (group["lr"] / lr0)  # schedule multiplier
+            delta = (p.detach() - before) * (alpha / group["lr"])
+            p.copy_(before + delta)
+            kappa = group.get("weight_decay", 0.0)
+            gamma = 1.0 + ok * (self.gamma - 1.0)
+            if kappa:
+                slope = _l2_slope(self.inner, group, self.state[p], grad, before, first_step)
+                decay = 1.0 - alpha * kappa * (1.0 if slope is None else slope)
+                trace.mul_(gamma * torch.where(finite, decay, 1.0))
+            else:
+                trace.mul_(gamma)
+            trace.add_(delta * ok)
+        if self._meta.active:
+            if self.layout.per_weight:
+                for i, zi in enumerate(z):
+                    self._meta_step(i, zi, finite)
+            else:
+                active = torch.zeros_like(self._log_alpha[0], dtype=torch.bool)
+                active[[e[5] for e in entries]] = True
+                self._meta_step(0, z_block, active & finite)
+        return loss
+
+    def _meta_step(self, index: int, z: Tensor, keep: Tensor) -> None:
+        beta, state = self._log_alpha[index], self._meta_state[index]
+        new_beta, new_state = self._meta.update(beta, z.to(beta.dtype), state)
+        new_beta = new_beta.clamp(self._low, self._high)
+        beta.copy_(torch.where(keep, new_beta, beta))
+        for key, value in new_state.items():
+            state[key].copy_(torch.where(keep, value, state[key]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner state dict, with the wrapper's step sizes and meta state in group 0."""
+        state_dict = self.inner.state_dict()
+        state_dict["param_groups"][0]["metaoptimize_wrapper"] = {
+            "traces": [
+                self._traces[p].clone() if p in self._traces else None for p in self._params()
+            ],
+            "log_alpha": [b.clone() for b in self._log_alpha],
+            "meta_state": [{k: v.clone() for k, v in s.items()} for s in self._meta_state],
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`."""
+        state_dict = dict(state_dict)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        state_dict["param_groups"] = groups
+        section = groups[0].pop("metaoptimize_wrapper", None)
+        if section is None:
+            raise ValueError("Invalid state_dict: not saved by a MetaOptimize wrapper")
+        self.inner.load_state_dict(state_dict)
+        self._traces = {
+            p: t.to(p.device, copy=True)
+            for p, t in zip(self._params(), section["traces"], strict=True)
+            if t is not None
+        }
+        for mine, saved in zip(self._log_alpha, section["log_alpha"], strict=True):
+            mine.copy_(saved)
+        for mine_state, saved_state in zip(self._meta_state, section["meta_state"], strict=True):
+            for key, value in mine_state.items():
+                value.copy_(saved_state[key])
+
+
+def wrap(optimizer: Optimizer, meta: str = "lion", **kwargs: Any) -> MetaOptimizeWrapper:
+    """MetaOptimize around an existing optimizer; its lr becomes alpha0.
+
+    Keyword arguments are those of :class:`MetaOptimizeWrapper` (``meta_lr``, ``gamma``,
+    ``blocks``, ``meta_betas``, ``meta_eps``, ``alpha_min``, ``alpha_max``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = wrap(torch.optim.Adam(model.parameters(), lr=1e-3), meta="lion")
+        >>> model(torch.ones(2, 3)).sum().backward()
+        >>> _ = opt.step()
+        >>> sorted(opt.step_sizes())
+        ['all']
+    """
+    return MetaOptimizeWrapper(optimizer, meta, **kwargs)

@@ -1,0 +1,145 @@
+"""wrap(torch optimizer) equals the native MetaOptimize rule."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+
+from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn, train
+from metaoptimize import MetaOptimize
+from metaoptimize.wrap import wrap
+
+# (torch optimizer factory, equivalent MetaOptimize base kwargs)
+EQUIVALENT: dict[str, tuple[Any, dict[str, Any]]] = {
+    "sgd": (
+        lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=0.01),
+        {"base": "sgd", "weight_decay": 0.01},
+    ),
+    "sgdm": (
+        lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, dampening=0.2, weight_decay=0.01),
+        {"base": "sgdm", "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01},
+    ),
+    "nesterov": (
+        lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.8, nesterov=True, weight_decay=0.02),
+        {"base": "sgdm", "momentum": 0.8, "nesterov": True, "weight_decay": 0.02},
+    ),
+    "adam": (
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), weight_decay=0.05),
+        {"base": "adam", "betas": (0.8, 0.99), "weight_decay": 0.05},
+    ),
+    "adamw": (
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        {"base": "adamw", "weight_decay": 0.1},
+    ),
+    "rmsprop": (
+        lambda p: torch.optim.RMSprop(
+            p, lr=0.01, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.01
+        ),
+        {
+            "base": "rmsprop",
+            "betas": (0.9,),
+            "centered": True,
+            "momentum": 0.5,
+            "weight_decay": 0.01,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "tensor", "weight"])
+@pytest.mark.parametrize("meta", ["lion", "adam"])
+@pytest.mark.parametrize("name", sorted(EQUIVALENT))
+def test_wrapped_torch_optimizer_equals_native_metaoptimize(
+    name: str, meta: str, blocks: str
+) -> None:
+    factory, base_kwargs = EQUIVALENT[name]
+    wrapped_model = TinyNet()
+    native_model = clone_model(wrapped_model)
+    inner = factory(wrapped_model.parameters())
+    alpha0 = inner.param_groups[0]["lr"]
+    wrapped = wrap(inner, meta=meta, meta_lr=0.05, gamma=0.9, blocks=blocks)
+    native = MetaOptimize(
+        native_model.parameters(),
+        meta=meta,
+        meta_lr=0.05,
+        gamma=0.9,
+        blocks=blocks,
+        alpha0=alpha0,
+        **base_kwargs,
+    )
+    for batch in batches(25):
+        for model, opt in ((wrapped_model, wrapped), (native_model, native)):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            opt.step()
+    for a, b in zip(wrapped_model.parameters(), native_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        flat_step_sizes(wrapped), flat_step_sizes(native), rtol=1e-10, atol=0
+    )
+    assert (flat_step_sizes(native) - alpha0).abs().max() > 1e-6
+
+
+def test_wrapper_resumes_exactly_and_composes_with_schedulers() -> None:
+    data = batches(16)
+    model = TinyNet()
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=0.01), meta="adam", meta_lr=0.05)
+    train(model, opt, data)
+
+    first = TinyNet()
+    first_opt = wrap(torch.optim.Adam(first.parameters(), lr=0.01), meta="adam", meta_lr=0.05)
+    train(first, first_opt, data[:8])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    second = TinyNet(seed=5)
+    second.load_state_dict(saved["model"])
+    second_opt = wrap(torch.optim.Adam(second.parameters(), lr=0.01), meta="adam", meta_lr=0.05)
+    second_opt.load_state_dict(saved["opt"])
+    train(second, second_opt, data[8:])
+    for a, b in zip(model.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    scheduled = TinyNet()
+    sched_opt = wrap(torch.optim.SGD(scheduled.parameters(), lr=0.1), meta="fixed")
+    scheduler = torch.optim.lr_scheduler.StepLR(sched_opt, step_size=1, gamma=0.5)
+    reference = clone_model(scheduled)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    for batch in data[:5]:
+        for m, o, s in ((scheduled, sched_opt, scheduler), (reference, ref_opt, ref_scheduler)):
+            o.zero_grad()
+            loss_fn(m, batch).backward()
+            o.step()
+            s.step()
+    for a, b in zip(scheduled.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_wrapping_an_unknown_optimizer_trains() -> None:
+    model = TinyNet()
+    opt = wrap(
+        torch.optim.Adagrad(model.parameters(), lr=0.05, weight_decay=0.01),
+        meta="lion",
+        meta_lr=0.02,
+        blocks="tensor",
+    )
+    train(model, opt, batches(20))
+    sizes = flat_step_sizes(opt)
+    assert torch.isfinite(sizes).all()
+    assert (sizes != 0.05).any()
+
+
+def test_wrap_errors() -> None:
+    with pytest.raises(TypeError, match=r"Invalid optimizer: list"):
+        wrap([], meta="lion")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Invalid gamma"):
+        wrap(torch.optim.SGD(TinyNet().parameters(), lr=0.1), gamma=2.0)
+    with pytest.raises(ValueError, match=r"Invalid state_dict"):
+        wrap(torch.optim.SGD(TinyNet().parameters(), lr=0.1)).load_state_dict(
+            torch.optim.SGD(TinyNet().parameters(), lr=0.1).state_dict()
+        )
