@@ -59,6 +59,10 @@ def main() -> None:
                     f"step {step}  loss {loss.item():.4f}  step size {alpha.item():.3e}  "
                     f"ranks agree: {same}"
                 )
+    # Release DDP's reducer and let every rank finish before tearing the group down (gloo can
+    # abort with "terminate called without an active exception" otherwise).
+    dist.barrier()
+    del model, opt
     dist.destroy_process_group()
 
 

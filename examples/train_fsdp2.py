@@ -90,6 +90,7 @@ def main() -> None:
     )
     if rank == 0:
         print(f"checkpoint {shared[0]}: step sizes restored exactly: {same}")
+    dist.barrier()  # every rank done before the group is torn down
     dist.destroy_process_group()
 
 

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from metaoptimize.base import BaseRule
+from metaoptimize.base import BaseRule, has_decay
 
 __all__ = [
     "compile_parameter_step",
@@ -55,17 +55,25 @@ def parameter_step(
     """
     grad = torch.where(finite, grad, 0.0)
     u, slope = rule.direction(param, grad, state, group, ok)
-    kappa = group["weight_decay"]
-    if decoupled and kappa:
+    kappa = group["weight_decay"]  # a float, or a 0-d tensor when it is learned
+    if decoupled and isinstance(kappa, Tensor):
+        delta = (u + kappa * param.to(u.dtype)).mul_(-alpha)
+    elif decoupled and kappa:
         delta = u.add(param.to(u.dtype), alpha=kappa).mul_(-alpha)
     else:
         delta = u * (-alpha)
     if with_trace:
         trace = state["trace"]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
-        if kappa:
+        if has_decay(kappa):
             # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
-            decay = 1.0 - alpha * (kappa if decoupled else kappa * cast(Tensor, slope))
+            slope_w = 1.0 if decoupled else cast(Tensor, slope)
+            decay = 1.0 - alpha * kappa * slope_w
+            if "wd_trace" in state:
+                # Trace of the log weight decay θ: ∂w_{t+1}/∂θ_t = -α κ s w (math.md §12).
+                state["wd_trace"].mul_(gamma * decay).add_(
+                    -(alpha * kappa) * slope_w * param.to(trace.dtype)
+                )
             trace.mul_(gamma * decay)
         else:
             trace.mul_(gamma)

@@ -87,7 +87,17 @@ def _step(param: Tensor) -> Tensor:
     return torch.zeros((), dtype=state_dtype(param), device=param.device)
 
 
-def _l2(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
+def has_decay(weight_decay: float | Tensor) -> bool:
+    """Whether weight decay is on; a tensor (a learned weight decay) always counts as on.
+
+    Never reads a tensor's value, so no host synchronisation.
+    """
+    return isinstance(weight_decay, Tensor) or weight_decay != 0.0
+
+
+def _l2(grad: Tensor, param: Tensor, weight_decay: float | Tensor) -> Tensor:
+    if isinstance(weight_decay, Tensor):
+        return grad + weight_decay * param.to(grad.dtype)
     if weight_decay == 0.0:
         return grad
     return grad.add(param.to(grad.dtype), alpha=weight_decay)
@@ -107,7 +117,7 @@ class SGD(BaseRule):
         self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
     ) -> tuple[Tensor, Slope]:
         kappa = group["weight_decay"]
-        return _l2(grad, param, kappa), (ok.new_ones(()) if kappa else None)
+        return _l2(grad, param, kappa), (ok.new_ones(()) if has_decay(kappa) else None)
 
 
 class SGDMomentum(BaseRule):
@@ -157,8 +167,8 @@ class SGDMomentum(BaseRule):
         buf.mul_(1.0 + ok * (mu - 1.0)).add_(g * (ok * coef))
         step.add_(ok)
         if group["nesterov"]:
-            return g.add(buf, alpha=mu), (1.0 + mu * coef if kappa else None)
-        return buf, (coef if kappa else None)
+            return g.add(buf, alpha=mu), (1.0 + mu * coef if has_decay(kappa) else None)
+        return buf, (coef if has_decay(kappa) else None)
 
 
 class RMSprop(BaseRule):
@@ -220,7 +230,7 @@ class RMSprop(BaseRule):
             buf = state["momentum_buffer"]
             buf.mul_(1.0 + ok * (group["momentum"] - 1.0)).add_(u * ok)
             u = buf
-        if not kappa:
+        if not has_decay(kappa):
             return u, None
         # ∂(g̃/(s+ε))/∂g̃ with s = sqrt(v - ḡ²), ∂s/∂g̃ = (1-a)(g̃ - ḡ)/s.
         centred_g = g if grad_avg is None else g - grad_avg
@@ -255,7 +265,7 @@ class Adam(BaseRule):
         denom = rms + group["eps"]
         m_hat = exp_avg / bias1
         u = m_hat / denom
-        if not kappa:
+        if not has_decay(kappa):
             return u, None
         # ∂u/∂g̃ = c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²), c1 = (1-β1)/bc1, c2 = (1-β2)/bc2.
         c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2

@@ -102,6 +102,11 @@ class MetaOptimize(Optimizer):
         kahan_summation: for bfloat16/float16 parameters, keep a compensation buffer (same
             dtype as the parameter) so that updates smaller than the weights' rounding step are
             not lost (pure low-precision training). Ignored for float32/float64 parameters.
+        learn_weight_decay: also meta-learn the weight decay, one ``log κ`` per block (as the
+            step size), with the same meta rule and its own trace (docs/math.md §12). Needs an
+            active meta rule, block-level step sizes and ``weight_decay > 0``; uses the eager
+            path.
+        weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -147,6 +152,8 @@ class MetaOptimize(Optimizer):
         fused: bool = False,
         trace_dtype: torch.dtype | str | None = None,
         kahan_summation: bool = False,
+        learn_weight_decay: bool = False,
+        weight_decay_meta_lr: float | None = None,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -160,6 +167,24 @@ class MetaOptimize(Optimizer):
         if meta_eps < 0.0:
             raise ValueError(f"Invalid meta_eps: {meta_eps}; need meta_eps >= 0")
         self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
+        if not isinstance(learn_weight_decay, bool):
+            raise TypeError(f"Invalid learn_weight_decay: {learn_weight_decay!r}; expected a bool")
+        self._learn_wd = learn_weight_decay
+        wd_meta_lr = (
+            meta_lr
+            if weight_decay_meta_lr is None
+            else check_number(weight_decay_meta_lr, "weight_decay_meta_lr")
+        )
+        if wd_meta_lr < 0.0:
+            raise ValueError(f"Invalid weight_decay_meta_lr: {wd_meta_lr}; need >= 0")
+        self._wd_meta: MetaRule = get_meta_rule(meta, wd_meta_lr, meta_betas, meta_eps)
+        if learn_weight_decay and not self._meta.active:
+            raise ValueError(
+                "Invalid learn_weight_decay: it needs an active meta rule "
+                "(meta != 'fixed' and meta_lr > 0)"
+            )
+        if learn_weight_decay and blocks == "weight":
+            raise ValueError("Invalid learn_weight_decay: not supported with blocks='weight'")
         self._log_bounds = _log_bounds(alpha_min, alpha_max)
         self._blocks_spec = blocks
         if partition_group is not None and not isinstance(blocks, str):
@@ -197,6 +222,8 @@ class MetaOptimize(Optimizer):
         self._beta_dtype = _promoted_state_dtype(self.param_groups)
         self._log_alpha = torch.empty(0, dtype=self._beta_dtype, device=self._home)
         self._meta_state = self._meta.init_state(self._log_alpha)
+        self._log_wd = torch.empty(0, dtype=self._beta_dtype, device=self._home)
+        self._wd_meta_state = self._wd_meta.init_state(self._log_wd)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
         self._grow_blocks()
@@ -268,6 +295,11 @@ class MetaOptimize(Optimizer):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: {group[flag]!r}; expected a bool")
         base.check_group(group)
+        if self._learn_wd and not group["weight_decay"] > 0.0:
+            raise ValueError(
+                f"Invalid weight_decay: {group['weight_decay']}; "
+                "learn_weight_decay needs weight_decay > 0 in every group"
+            )
         bounds = self._log_bounds
         log_alpha0 = math.log(group["alpha0"])
         if not bounds[0] <= log_alpha0 <= bounds[1]:
@@ -304,6 +336,25 @@ class MetaOptimize(Optimizer):
         self._log_alpha = torch.cat([self._log_alpha, extra])
         fresh = self._meta.init_state(extra)
         self._meta_state = {key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh}
+        if self._learn_wd:
+            wd_of_block: dict[int, float] = {}
+            for block, group in zip(layout.block_of_param, params_group, strict=True):
+                seen = wd_of_block.setdefault(block, group["weight_decay"])
+                if seen != group["weight_decay"]:
+                    raise ValueError(
+                        f"Invalid weight_decay: block {layout.names[block]!r} "
+                        "spans param groups with different weight_decay"
+                    )
+            wd_extra = torch.tensor(
+                [math.log(wd_of_block[b]) for b in range(current, layout.num_blocks)],
+                dtype=self._beta_dtype,
+                device=self._home,
+            )
+            self._log_wd = torch.cat([self._log_wd, wd_extra])
+            wd_fresh = self._wd_meta.init_state(wd_extra)
+            self._wd_meta_state = {
+                key: torch.cat([self._wd_meta_state[key], wd_fresh[key]]) for key in wd_fresh
+            }
         self._index_cache.clear()
 
     # ------------------------------------------------------------------ public helpers
@@ -318,6 +369,19 @@ class MetaOptimize(Optimizer):
     def skipped_steps(self) -> Tensor:
         """Number of steps skipped because a gradient or meta-gradient was not finite."""
         return self._skipped
+
+    def weight_decays(self) -> dict[str, Tensor]:
+        """Current weight decay by block (learned with ``learn_weight_decay=True``).
+
+        Raises:
+            RuntimeError: the weight decay is not learned.
+        """
+        if not self._learn_wd:
+            raise RuntimeError(
+                "weight_decays(): the weight decay is not learned; pass learn_weight_decay=True"
+            )
+        kappa = self._log_wd.exp()
+        return {name: kappa[index] for index, name in enumerate(self.layout.names)}
 
     def step_sizes(self) -> dict[str, Tensor]:
         """Current learned step sizes ``α = exp(β)`` by block, in block order.
@@ -346,6 +410,8 @@ class MetaOptimize(Optimizer):
         state.update(self._base.init_state(p, group))
         if self._meta.active:
             state["trace"] = self._new_trace(p)
+        if self._learn_wd:
+            state["wd_trace"] = self._new_trace(p)
         if self._kahan and p.dtype in (torch.bfloat16, torch.float16):
             state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.layout.per_weight:
@@ -409,8 +475,22 @@ class MetaOptimize(Optimizer):
                 for e in entries
             ]
             z_block = torch.zeros_like(self._log_alpha)
+            if self._learn_wd:
+                # The weight-decay meta-gradient rides along: one vector, one collective.
+                partials += [
+                    torch.dot(e.state["wd_trace"].flatten().to(e.grad.dtype), e.grad.flatten()).to(
+                        self._home, self._beta_dtype
+                    )
+                    * e.share
+                    for e in entries
+                ]
+                z_block = torch.zeros(
+                    2 * len(self._log_alpha), dtype=self._beta_dtype, device=self._home
+                )
             if partials:
                 index, _ = self._block_indices(tuple(e.block for e in entries))
+                if self._learn_wd:
+                    index = torch.cat([index, index + len(self._log_alpha)])
                 z_block.index_add_(0, index, torch.stack(partials))
             if reduce_group is not None and (
                 self._partition_group is None or layout.mode in ("scalar", "group")
@@ -431,6 +511,7 @@ class MetaOptimize(Optimizer):
 
         # 2. Base step and trace update, all with α_t.
         alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
+        kappa_blocks = self._log_wd.exp() if self._learn_wd else None
         flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         for entry in entries:
             group, p, grad, state, block = (
@@ -451,7 +532,9 @@ class MetaOptimize(Optimizer):
             else:
                 alpha = alpha_blocks[block].to(grad.device, grad.dtype) * scale
             decoupled = is_decoupled(self._base, group)
-            if self._fused and supports_fused(p, grad, state):
+            if kappa_blocks is not None:
+                group = {**group, "weight_decay": kappa_blocks[block].to(grad.device, grad.dtype)}
+            if self._fused and kappa_blocks is None and supports_fused(p, grad, state):
                 try:
                     fused_parameter_step(
                         self._compiled_step(),
@@ -484,7 +567,17 @@ class MetaOptimize(Optimizer):
             if z_block is not None:
                 if entries:
                     _, active = self._block_indices(tuple(e.block for e in entries))
-                    self._meta_step(self._log_alpha, z_block, self._meta_state, active & finite)
+                    n = len(self._log_alpha)
+                    self._meta_step(self._log_alpha, z_block[:n], self._meta_state, active & finite)
+                    if self._learn_wd:
+                        self._meta_step(
+                            self._log_wd,
+                            z_block[n:],
+                            self._wd_meta_state,
+                            active & finite,
+                            rule=self._wd_meta,
+                            bounded=False,
+                        )
             else:
                 for entry, z in zip(entries, z_weight, strict=True):
                     meta_state = {
@@ -579,12 +672,18 @@ class MetaOptimize(Optimizer):
         return 1.0 / float(mesh.size())  # replicated: every rank holds the whole tensor
 
     def _meta_step(
-        self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], keep_new: Tensor
+        self,
+        log_alpha: Tensor,
+        z: Tensor,
+        meta_state: dict[str, Tensor],
+        keep_new: Tensor,
+        rule: MetaRule | None = None,
+        bounded: bool = True,
     ) -> None:
         """Apply the meta rule where ``keep_new`` holds; update tensors in place."""
-        new_log_alpha, new_state = self._meta.update(log_alpha, z, meta_state)
+        new_log_alpha, new_state = (rule or self._meta).update(log_alpha, z, meta_state)
         low, high = self._log_bounds
-        if low > -math.inf or high < math.inf:
+        if bounded and (low > -math.inf or high < math.inf):
             new_log_alpha = new_log_alpha.clamp(low, high)
         log_alpha.copy_(torch.where(keep_new, new_log_alpha, log_alpha))
         for key, value in new_state.items():
@@ -611,6 +710,9 @@ class MetaOptimize(Optimizer):
             "log_alpha": self._log_alpha.clone(),
             "meta_state": {k: v.clone() for k, v in self._meta_state.items()},
             "skipped_steps": self._skipped.clone(),
+            "learn_weight_decay": self._learn_wd,
+            "log_weight_decay": self._log_wd.clone(),
+            "weight_decay_meta_state": {k: v.clone() for k, v in self._wd_meta_state.items()},
         }
         return state_dict
 
@@ -643,6 +745,12 @@ class MetaOptimize(Optimizer):
                     f"Invalid state_dict: saved with {what}={section[what]!r}, but "
                     f"this optimizer uses {what}={mine!r}"
                 )
+        if section.get("learn_weight_decay", False) != self._learn_wd:
+            raise ValueError(
+                f"Invalid state_dict: saved with learn_weight_decay="
+                f"{section.get('learn_weight_decay', False)}, but this optimizer uses "
+                f"learn_weight_decay={self._learn_wd}"
+            )
         if section["blocks"] != self.layout.signature():
             raise ValueError(
                 f"Invalid state_dict: saved with block layout {section['blocks']!r}"
@@ -667,6 +775,9 @@ class MetaOptimize(Optimizer):
         for key, value in self._meta_state.items():
             value.copy_(section["meta_state"][key])
         self._skipped.copy_(section["skipped_steps"])
+        self._log_wd.copy_(section["log_weight_decay"])
+        for key, value in self._wd_meta_state.items():
+            value.copy_(section["weight_decay_meta_state"][key])
 
 
 def _check_trace_dtype(value: torch.dtype | str | None) -> torch.dtype | None:

@@ -148,6 +148,24 @@ def _registry() -> dict[str, OptimizerSpec]:
                     _metaoptimize({**settings, "blocks": blocks}),
                 )
             )
+    add(
+        OptimizerSpec(
+            "mo-adamw-lion-learnwd",
+            "metaoptimize",
+            "mo-adamw-lion that also meta-learns its weight decay (one log kappa, from 0.01)",
+            "alpha0",
+            _ALPHA0["adamw"],
+            _metaoptimize(
+                {
+                    "base": "adamw",
+                    "meta": "lion",
+                    "weight_decay": 0.01,
+                    "learn_weight_decay": True,
+                    **HARNESS_META,
+                }
+            ),
+        )
+    )
     for name in presets.names():
         preset_settings: dict[str, Any] = presets.get(name)
         alpha0 = float(preset_settings.pop("alpha0"))
