@@ -40,6 +40,20 @@ def _safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
 
 
+def rmsprop_l2_slope(
+    g: Tensor, centred_g: Tensor, rms: Tensor, denom: Tensor, smoothing: float
+) -> Tensor:
+    """∂u/∂g̃ of RMSProp, u = g̃/(s+ε), s = sqrt(v - ḡ²): docs/math.md §4."""
+    return 1.0 / denom - _safe_div((1.0 - smoothing) * g * centred_g, rms * denom * denom)
+
+
+def adam_l2_slope(
+    g: Tensor, m_hat: Tensor, rms: Tensor, denom: Tensor, c1: Tensor | float, c2: Tensor | float
+) -> Tensor:
+    """∂u/∂g̃ of Adam, u = m̂/(√v̂+ε): c1/(√v̂+ε) - c2 m̂ g̃/(√v̂ (√v̂+ε)²), docs/math.md §4."""
+    return c1 / denom - _safe_div(c2 * m_hat * g, rms * denom * denom)
+
+
 def _bias_correction(beta: float, step: Tensor) -> Tensor:
     # step is clamped to 1 so a step skipped before any real step never divides by zero.
     return 1.0 - torch.pow(beta, step.clamp_min(1.0))
@@ -234,8 +248,7 @@ class RMSprop(BaseRule):
             return u, None
         # ∂(g̃/(s+ε))/∂g̃ with s = sqrt(v - ḡ²), ∂s/∂g̃ = (1-a)(g̃ - ḡ)/s.
         centred_g = g if grad_avg is None else g - grad_avg
-        curvature = _safe_div((1.0 - smoothing) * g * centred_g, rms * denom * denom)
-        return u, 1.0 / denom - curvature
+        return u, rmsprop_l2_slope(g, centred_g, rms, denom, smoothing)
 
 
 class Adam(BaseRule):
@@ -269,7 +282,7 @@ class Adam(BaseRule):
             return u, None
         # ∂u/∂g̃ = c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²), c1 = (1-β1)/bc1, c2 = (1-β2)/bc2.
         c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
-        return u, c1 / denom - _safe_div(c2 * m_hat * g, rms * denom * denom)
+        return u, adam_l2_slope(g, m_hat, rms, denom, c1, c2)
 
 
 class AdamW(Adam):

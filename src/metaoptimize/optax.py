@@ -31,26 +31,12 @@ import jax.numpy as jnp
 import optax  # type: ignore[import-untyped]
 
 from metaoptimize._validation import check_betas, check_number, check_range
+from metaoptimize.base import BASE_RULES
+from metaoptimize.meta import META_RULES
 
 __all__ = ["MetaOptimizeState", "metaoptimize", "step_sizes"]
 
 Array = jax.Array
-_BETAS: dict[str, tuple[float, ...] | None] = {
-    "sgd": None,
-    "sgdm": None,
-    "rmsprop": (0.99,),
-    "adam": (0.9, 0.999),
-    "adamw": (0.9, 0.999),
-    "lion": (0.9, 0.99),
-}
-_MOMENTUM = {"sgdm": 0.9, "rmsprop": 0.0}
-_META_BETAS: dict[str, tuple[float, ...] | None] = {
-    "fixed": None,
-    "sgd": None,
-    "rmsprop": (0.999,),
-    "adam": (0.9, 0.999),
-    "lion": (0.9, 0.99),
-}
 _BASE_STATE = {
     "sgd": (),
     "sgdm": ("momentum_buffer",),
@@ -245,10 +231,10 @@ def metaoptimize(
     Raises:
         ValueError: an invalid argument, named in the message.
     """
-    if base not in _BETAS:
-        raise ValueError(f"Invalid base: {base!r}; choose one of {sorted(_BETAS)}")
-    if meta not in _META_BETAS:
-        raise ValueError(f"Invalid meta: {meta!r}; choose one of {sorted(_META_BETAS)}")
+    if base not in BASE_RULES:
+        raise ValueError(f"Invalid base: {base!r}; choose one of {sorted(BASE_RULES)}")
+    if meta not in META_RULES:
+        raise ValueError(f"Invalid meta: {meta!r}; choose one of {sorted(META_RULES)}")
     if blocks not in ("scalar", "tensor", "layerwise", "weight"):
         raise ValueError(f"Invalid blocks: {blocks!r}; choose 'scalar', 'tensor' or 'weight'")
     if base_style not in ("torch", "paper"):
@@ -258,13 +244,13 @@ def metaoptimize(
     if meta_lr < 0:
         raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
     gamma = check_range(gamma, "gamma", 0.0, 1.0)
-    expected = _BETAS[base]
+    expected = BASE_RULES[base].default_betas
     if expected is None:
         if betas is not None:
             raise ValueError(f"Invalid betas: {betas!r}; base {base!r} takes no betas")
     else:
         betas = expected if betas is None else check_betas(betas, len(expected), "betas")
-    meta_expected = _META_BETAS[meta]
+    meta_expected = META_RULES[meta].default_betas
     if meta_expected is not None:
         meta_betas = (
             meta_expected
@@ -278,7 +264,7 @@ def metaoptimize(
         "dampening": dampening,
         "nesterov": nesterov,
         "centered": centered,
-        "momentum": _MOMENTUM.get(base, 0.0) if momentum is None else momentum,
+        "momentum": (BASE_RULES[base].default_momentum or 0.0) if momentum is None else momentum,
     }
     low = math.log(alpha_min) if alpha_min else -math.inf
     high = math.log(alpha_max) if alpha_max else math.inf

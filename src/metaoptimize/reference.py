@@ -22,24 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ReferenceMetaOptimize", "reference_base_step"]
+from metaoptimize.base import BASE_RULES
+from metaoptimize.meta import META_RULES
 
-_BASE_BETAS: dict[str, tuple[float, ...] | None] = {
-    "sgd": None,
-    "sgdm": None,
-    "rmsprop": (0.99,),
-    "adam": (0.9, 0.999),
-    "adamw": (0.9, 0.999),
-    "lion": (0.9, 0.99),
-}
-_BASE_MOMENTUM = {"sgdm": 0.9, "rmsprop": 0.0}
-_META_BETAS: dict[str, tuple[float, ...] | None] = {
-    "fixed": None,
-    "sgd": None,
-    "rmsprop": (0.999,),
-    "adam": (0.9, 0.999),
-    "lion": (0.9, 0.99),
-}
+__all__ = ["ReferenceMetaOptimize", "reference_base_step"]
 
 
 def reference_base_step(
@@ -160,11 +146,12 @@ class ReferenceMetaOptimize:
         }
         self.groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         for g in self.groups:
-            g["betas"] = g["betas"] or _BASE_BETAS[base]
+            # Defaults (not update math) come from the rule registries.
+            g["betas"] = g["betas"] or BASE_RULES[base].default_betas
             if g["momentum"] is None:
-                g["momentum"] = _BASE_MOMENTUM.get(base, 0.0)
+                g["momentum"] = BASE_RULES[base].default_momentum or 0.0
         self.base, self.meta, self.meta_lr, self.meta_eps = base, meta, meta_lr, meta_eps
-        self.meta_betas: tuple[float, ...] = meta_betas or _META_BETAS[meta] or ()
+        self.meta_betas: tuple[float, ...] = meta_betas or META_RULES[meta].default_betas or ()
         self.log_min = math.log(alpha_min) if alpha_min else -math.inf
         self.log_max = math.log(alpha_max) if alpha_max else math.inf
         self.params = [p for g in self.groups for p in g["params"]]

@@ -29,14 +29,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
 
 __all__ = ["MetaOptimizeWrapper", "wrap"]
-
-
-def _safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
 
 
 def _l2_slope(
@@ -64,8 +61,7 @@ def _l2_slope(
         denom = rms + group["eps"]
         m_hat = state["exp_avg"] / bias1
         c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
-        adam_slope: Tensor = c1 / denom - _safe_div(c2 * m_hat * g, rms * denom * denom)
-        return adam_slope
+        return adam_l2_slope(g, m_hat, rms, denom, c1, c2)
     if isinstance(inner, torch.optim.RMSprop):
         smoothing = group["alpha"]
         square_avg = state["square_avg"]
@@ -76,10 +72,7 @@ def _l2_slope(
         else:
             rms, centred = square_avg.sqrt(), g
         denom = rms + group["eps"]
-        rms_slope: Tensor = 1.0 / denom - _safe_div(
-            (1.0 - smoothing) * g * centred, rms * denom * denom
-        )
-        return rms_slope
+        return rmsprop_l2_slope(g, centred, rms, denom, smoothing)
     return None
 
 
