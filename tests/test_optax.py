@@ -186,3 +186,19 @@ def test_the_documented_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     assert match is not None
     exec(compile(match.group(1), "docs/jax.md", "exec"), {})  # noqa: S102 - our own docs
     assert "['w']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam", "adamw", "lion"])
+def test_paper_style_changes_nothing_for_bases_without_a_paper_variant(base: str) -> None:
+    """base_style="paper" only changes sgdm and rmsprop, in JAX exactly as in PyTorch."""
+    _compare(
+        {
+            "base": base,
+            "meta": "adam",
+            "alpha0": 0.02,
+            "gamma": 0.9,
+            "weight_decay": 0.1,
+            "meta_lr": 0.02,
+            "base_style": "paper",
+        }
+    )

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax  # type: ignore[import-untyped]
 
 from metaoptimize._validation import check_betas, check_number, check_range
-from metaoptimize.base import BASE_RULES
+from metaoptimize.base import BASE_RULES, is_decoupled
 from metaoptimize.meta import META_RULES
 
 __all__ = ["MetaOptimizeState", "metaoptimize", "step_sizes"]
@@ -77,6 +77,11 @@ def _safe_div(numerator: Array, denominator: Array) -> Array:
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
 
 
+def _decoupled(base: str, style: str) -> bool:
+    """Decoupled or L2 weight decay: the same rule as the PyTorch optimizer's."""
+    return is_decoupled(BASE_RULES[base](), {"base_style": style})
+
+
 def _lerp(start: Array, end: Array, weight: Array | float) -> Array:
     return start + weight * (end - start)
 
@@ -97,7 +102,7 @@ def _direction(
 ) -> tuple[Array, Array | None, dict[str, Array]]:
     """One leaf's base update: (u, ∂u/∂g̃ or None, new state). Mirrors metaoptimize/base.py."""
     kappa, eps, mu = hp["weight_decay"], hp["eps"], hp["momentum"]
-    l2 = 0.0 if base in ("adamw", "lion") or style == "paper" else kappa
+    l2 = 0.0 if _decoupled(base, style) else kappa
     gt = g + l2 * w if l2 else g
     after = count + ok
     if base == "sgd":
@@ -343,7 +348,7 @@ def metaoptimize(
                 values.append(leaf_new.get(key, leaf_state[key]))
             block = 0 if blocks == "scalar" else i
             alpha = jnp.exp(state.log_alpha[block]) * scale
-            decoupled = base in ("adamw", "lion") or base_style == "paper"
+            decoupled = _decoupled(base, base_style)
             delta = -(u + kappa * w) * alpha if decoupled and kappa else -u * alpha
             if meta_active:
                 gamma_eff = 1.0 + ok * (gamma - 1.0)
