@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from metaoptimize._math import sqrt
+
 __all__ = ["BASE_RULES", "BaseRule", "get_base_rule"]
 
 Group = dict[str, Any]
@@ -227,17 +229,17 @@ class RMSprop(BaseRule):
         step.add_(ok)
         if group["base_style"] == "paper":
             square_avg.lerp_(grad * grad, ok * (1.0 - smoothing))
-            rms = (square_avg / _bias_correction(smoothing, step)).sqrt_()
+            rms = sqrt(square_avg / _bias_correction(smoothing, step), inplace=True)
             return grad / rms.add_(eps), None
         g = _l2(grad, param, kappa)
         square_avg.lerp_(g * g, ok * (1.0 - smoothing))
         if group["centered"]:
             grad_avg = state["grad_avg"]
             grad_avg.lerp_(g, ok * (1.0 - smoothing))
-            rms = square_avg.addcmul(grad_avg, grad_avg, value=-1.0).sqrt_()
+            rms = sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1.0), inplace=True)
         else:
             grad_avg = None
-            rms = square_avg.sqrt()
+            rms = sqrt(square_avg)
         denom = rms + eps
         u = g / denom
         if group["momentum"] > 0.0:
@@ -274,7 +276,7 @@ class Adam(BaseRule):
         exp_avg_sq.lerp_(g * g, ok * (1.0 - beta2))
         bias1 = _bias_correction(beta1, step)
         bias2 = _bias_correction(beta2, step)
-        rms = exp_avg_sq.sqrt() / bias2.sqrt()  # sqrt(v̂)
+        rms = sqrt(exp_avg_sq) / bias2.sqrt()  # sqrt(v̂)
         denom = rms + group["eps"]
         m_hat = exp_avg / bias1
         u = m_hat / denom

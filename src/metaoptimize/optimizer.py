@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,15 @@ from metaoptimize._fused import (
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
+from metaoptimize.hessian import (
+    APPROXIMATIONS,
+    STATE_TRACE_PREFIX,
+    TRACES,
+    base_step_with_tangent,
+    hessian_vector_products,
+    meta_step_tangent,
+    traced_state_keys,
+)
 from metaoptimize.meta import MetaRule, get_meta_rule
 
 try:  # DTensor parameters (FSDP2); torch >= 2.4 has the public module
@@ -107,6 +116,18 @@ class MetaOptimize(Optimizer):
             active meta rule, block-level step sizes and ``weight_decay > 0``; uses the eager
             path.
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
+        trace: ``"hessian-free"`` (default; paper Algorithm 3) or ``"hessian"``: keep the
+            Hessian terms of the trace (paper Algorithm 1) with Hessian-vector products.
+            ``"hessian"`` needs ``step(closure)``, where the closure recomputes and *returns*
+            the loss without calling ``backward()``; the optimizer takes the gradient and the
+            Hessian-vector products itself. Block-level modes keep one trace column per block
+            (one Hessian-vector product per block and step); ``blocks="weight"`` keeps one
+            shared column. Every base rule; not with ``fused``, ``learn_weight_decay``,
+            ``kahan_summation``, ``trace_dtype``, sharding or half-precision parameters
+            (docs/math.md §13).
+        trace_approximation: with ``trace="hessian"``: ``"L"`` (default; the meta update's
+            dependence on the weights is dropped) or ``"2x2"`` (kept; block-level modes and one
+            ``gamma`` for all groups).
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
     any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
@@ -154,6 +175,8 @@ class MetaOptimize(Optimizer):
         kahan_summation: bool = False,
         learn_weight_decay: bool = False,
         weight_decay_meta_lr: float | None = None,
+        trace: str = "hessian-free",
+        trace_approximation: str = "L",
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -201,6 +224,20 @@ class MetaOptimize(Optimizer):
         if not isinstance(kahan_summation, bool):
             raise TypeError(f"Invalid kahan_summation: {kahan_summation!r}; expected a bool")
         self._kahan = kahan_summation
+        self._trace, self._approximation = _check_trace(
+            trace,
+            trace_approximation,
+            meta_active=self._meta.active,
+            blocks=blocks,
+            conflicts={
+                "fused": fused,
+                "learn_weight_decay": learn_weight_decay,
+                "kahan_summation": kahan_summation,
+                "trace_dtype": trace_dtype is not None,
+                "partition_group": partition_group is not None,
+            },
+        )
+        self._meta_trace: dict[str, Tensor] = {}
         self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
@@ -295,6 +332,8 @@ class MetaOptimize(Optimizer):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: {group[flag]!r}; expected a bool")
         base.check_group(group)
+        if self._trace == "hessian":
+            _check_hessian_group(group, self.param_groups[0], self._approximation)
         if self._learn_wd and not group["weight_decay"] > 0.0:
             raise ValueError(
                 f"Invalid weight_decay: {group['weight_decay']}; "
@@ -336,6 +375,8 @@ class MetaOptimize(Optimizer):
         self._log_alpha = torch.cat([self._log_alpha, extra])
         fresh = self._meta.init_state(extra)
         self._meta_state = {key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh}
+        if self._trace == "hessian" and self._approximation == "2x2":
+            self._grow_meta_trace(layout.num_blocks)
         if self._learn_wd:
             wd_of_block: dict[int, float] = {}
             for block, group in zip(layout.block_of_param, params_group, strict=True):
@@ -364,6 +405,11 @@ class MetaOptimize(Optimizer):
         """The step-size block layout."""
         assert self._layout is not None
         return self._layout
+
+    @property
+    def requires_closure(self) -> bool:
+        """Whether :meth:`step` needs a closure that returns the loss (``trace="hessian"``)."""
+        return self._trace == "hessian"
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -407,8 +453,15 @@ class MetaOptimize(Optimizer):
     # ------------------------------------------------------------------ the step
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state.update(self._base.init_state(p, group))
-        if self._meta.active:
+        base_state = self._base.init_state(p, group)
+        state.update(base_state)
+        if self._trace == "hessian":
+            # One trace column per block, for the weights and every base-state tensor.
+            shape = (self._trace_columns(), *p.shape)
+            state["trace"] = p.new_zeros(shape, dtype=state_dtype(p))
+            for key in traced_state_keys(base_state):
+                state[STATE_TRACE_PREFIX + key] = p.new_zeros(shape, dtype=state_dtype(p))
+        elif self._meta.active:
             state["trace"] = self._new_trace(p)
         if self._learn_wd:
             state["wd_trace"] = self._new_trace(p)
@@ -451,6 +504,8 @@ class MetaOptimize(Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        if self._trace == "hessian":
+            return cast("float | None", self._hessian_step(closure))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -589,6 +644,211 @@ class MetaOptimize(Optimizer):
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
+    def _trace_columns(self) -> int:
+        """Trace columns of ``trace="hessian"``: one per block, one shared for "weight"."""
+        return 1 if self.layout.per_weight else self.layout.num_blocks
+
+    def _grow_meta_trace(self, num_blocks: int) -> None:
+        """Extend the 2×2 meta trace Y to new blocks: Y₀ = I for β, 0 for the meta state."""
+        old = self._meta_trace
+        current = old["log_alpha"].shape[0] if old else 0
+        eye = torch.eye(num_blocks, dtype=self._beta_dtype, device=self._home)
+        new = {"log_alpha": eye}
+        for key in traced_state_keys(self._meta_state):
+            new[key] = torch.zeros_like(eye)
+        for key, value in old.items():
+            new[key][:current, :current] = value
+        self._meta_trace = new
+
+    def _pad_trace_columns(self) -> None:
+        """Give existing Hessian traces a zero column for each block added since."""
+        columns = self._trace_columns()
+        for state in self.state.values():
+            for key, value in list(state.items()):
+                if key == "trace" or key.startswith(STATE_TRACE_PREFIX):
+                    missing = columns - value.shape[0]
+                    if missing > 0:
+                        state[key] = torch.cat([value, value.new_zeros(missing, *value.shape[1:])])
+
+    def _hessian_step(self, closure: Callable[[], Any] | None) -> Any:
+        """One step with the Hessian trace (docs/math.md §13, :mod:`metaoptimize.hessian`)."""
+        if closure is None:
+            raise RuntimeError(
+                "MetaOptimize(trace='hessian') needs step(closure): the closure recomputes and "
+                "returns the loss, without calling backward()"
+            )
+        if self._mesh() is not None:
+            raise NotImplementedError("MetaOptimize: trace='hessian' does not support DTensor")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                raise RuntimeError(
+                    "MetaOptimize(trace='hessian'): the closure must return the loss as a "
+                    "tensor that requires grad (and must not call backward())"
+                )
+            graph_grads: tuple[Tensor | None, ...] = torch.autograd.grad(
+                loss, params, create_graph=True, allow_unused=True
+            )
+        for p, g in zip(params, graph_grads, strict=True):
+            p.grad = None if g is None else g.detach()
+        graph_grad_of = {id(p): g for p, g in zip(params, graph_grads, strict=True)}
+        del graph_grads
+        self._pad_trace_columns()
+        entries = self._gather_entries()
+        if not entries:
+            return loss
+        layout, columns = self.layout, self._trace_columns()
+        gammas = [float(e.group["gamma"]) for e in entries]
+
+        # 1. Meta-gradient z = X^T g with the trace from before this step.
+        z_block: Tensor | None = None
+        z_weight: list[Tensor] = []
+        if layout.per_weight:
+            z_weight = [e.state["trace"][0] * e.grad for e in entries]
+            checked = list(z_weight)
+        else:
+            z_block = torch.stack(
+                [e.state["trace"].reshape(columns, -1) @ e.grad.reshape(-1) for e in entries]
+            ).sum(0)
+            checked = [z_block]
+
+        # 2. Hessian-vector products ∇²f · γX_c, one per column (the gradient's tangent).
+        graph = [graph_grad_of[id(e.param)] for e in entries]
+        local_params = [e.param for e in entries]
+        products: list[list[Tensor]] = []
+        for c in range(columns):
+            if any(gammas):
+                vectors = [
+                    gamma * e.state["trace"][c] for gamma, e in zip(gammas, entries, strict=True)
+                ]
+                retain = c < columns - 1
+                products.append(hessian_vector_products(graph, local_params, vectors, retain))
+            else:
+                products.append([torch.zeros_like(e.grad) for e in entries])
+        del graph, graph_grad_of
+        checked += [hv for column in products for hv in column]
+        nonfinite = torch.stack([(~torch.isfinite(t)).sum().to(self._home) for t in checked]).sum()
+        finite = nonfinite == 0
+
+        # 3. 2×2 only: z's tangent M[b, c] = X_bᵀ ∇²f γX_c, and B = γY + (1-γ)I.
+        mixing: Tensor | None = None
+        z_tangent: Tensor | None = None
+        if self._approximation == "2x2":
+            z_tangent = torch.stack(
+                [
+                    e.state["trace"].reshape(columns, -1)
+                    @ torch.stack([products[c][i] for c in range(columns)]).reshape(columns, -1).T
+                    for i, e in enumerate(entries)
+                ]
+            ).sum(0)
+            gamma = gammas[0]
+            eye = torch.eye(columns, dtype=self._beta_dtype, device=self._home)
+            mixing = gamma * self._meta_trace["log_alpha"] + (1.0 - gamma) * eye
+
+        # 4. Base step and trace columns: X_{t+1} = G^{xy} B + γ G^{xx} X (forward mode).
+        alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
+        ok_cache: dict[torch.dtype, Tensor] = {}
+        for i, (e, gamma) in enumerate(zip(entries, gammas, strict=True)):
+            state, group = e.state, e.group
+            ok = ok_cache.setdefault(e.grad.dtype, finite.to(e.grad.dtype))
+            if alpha_blocks is None:
+                alpha = state["log_alpha"].exp() * (ok * group["lr"])
+            else:
+                alpha = alpha_blocks[e.block].to(e.grad.dtype) * (ok * group["lr"])
+            keys = [k[len(STATE_TRACE_PREFIX) :] for k in state if k.startswith(STATE_TRACE_PREFIX)]
+            base_state = {k: state[k] for k in (*keys, "step") if k in state}
+            grad = torch.where(finite, e.grad, 0.0)
+            decoupled = is_decoupled(self._base, group)
+            new_param: Tensor | None = None
+            new_state: dict[str, Tensor] = {}
+            columns_w: list[Tensor] = []
+            columns_s: dict[str, list[Tensor]] = {k: [] for k in keys}
+            for c in range(columns):
+                if mixing is not None:
+                    tangent_alpha = alpha * mixing[e.block, c].to(alpha.dtype)
+                elif layout.per_weight or e.block == c:
+                    tangent_alpha = alpha
+                else:
+                    tangent_alpha = torch.zeros_like(alpha)
+                tangents = (
+                    gamma * state["trace"][c],
+                    torch.where(finite, products[c][i], 0.0),
+                    tangent_alpha,
+                    {k: gamma * state[STATE_TRACE_PREFIX + k][c] for k in keys},
+                )
+                stepped, stepped_state, trace_w, trace_s = base_step_with_tangent(
+                    self._base,
+                    e.param,
+                    grad,
+                    base_state,
+                    keys,
+                    group,
+                    ok,
+                    alpha,
+                    decoupled,
+                    tangents,
+                )
+                if new_param is None:
+                    new_param, new_state = stepped, stepped_state
+                columns_w.append(trace_w)
+                for k in keys:
+                    columns_s[k].append(trace_s[k])
+            assert new_param is not None
+            state["trace"].copy_(torch.where(finite, torch.stack(columns_w), state["trace"]))
+            for k in keys:
+                old = state[STATE_TRACE_PREFIX + k]
+                old.copy_(torch.where(finite, torch.stack(columns_s[k]), old))
+            for k, value in new_state.items():
+                base_state[k].copy_(value)
+            e.param.copy_(new_param)
+
+        # 5. Meta step (and, for 2×2, its tangents Y) with the pre-step β and meta state.
+        if z_block is not None:
+            _, active = self._block_indices(tuple(e.block for e in entries))
+            keep = active & finite
+            if mixing is not None and z_tangent is not None:
+                self._update_meta_trace(z_block, z_tangent, mixing, keep, finite)
+            self._meta_step(self._log_alpha, z_block, self._meta_state, keep)
+        else:
+            for e, z in zip(entries, z_weight, strict=True):
+                meta_state = {
+                    k[len(_META_PREFIX) :]: v
+                    for k, v in e.state.items()
+                    if k.startswith(_META_PREFIX)
+                }
+                self._meta_step(e.state["log_alpha"], z, meta_state, finite.to(z.device))
+        self._skipped.add_((~finite).to(torch.int64))
+        return loss
+
+    def _update_meta_trace(
+        self, z: Tensor, z_tangent: Tensor, mixing: Tensor, keep: Tensor, finite: Tensor
+    ) -> None:
+        """Y_{t+1} = G^{yy} B + G^{yx} γX, column by column (2×2 approximation)."""
+        gamma = float(self.param_groups[0]["gamma"])
+        trace = self._meta_trace
+        keys = [k for k in trace if k != "log_alpha"]
+        new_beta: list[Tensor] = []
+        new_state: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for c in range(mixing.shape[0]):
+            tangent_beta = mixing[:, c]
+            tangent_state = {k: gamma * trace[k][:, c] for k in keys}
+            beta_dot, state_dot = meta_step_tangent(
+                self._meta,
+                self._log_alpha,
+                self._meta_state,
+                z,
+                self._log_bounds,
+                (tangent_beta, tangent_state, z_tangent[:, c]),
+            )
+            # A block that does not step keeps β and its meta state: tangents pass through.
+            new_beta.append(torch.where(keep, beta_dot, tangent_beta))
+            for k in keys:
+                new_state[k].append(torch.where(keep, state_dot[k], tangent_state[k]))
+        trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
+        for k in keys:
+            trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
+
     def _gather_entries(self) -> list[_Entry]:
         """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
         layout = self.layout
@@ -713,6 +973,9 @@ class MetaOptimize(Optimizer):
             "learn_weight_decay": self._learn_wd,
             "log_weight_decay": self._log_wd.clone(),
             "weight_decay_meta_state": {k: v.clone() for k, v in self._wd_meta_state.items()},
+            "trace": self._trace,
+            "trace_approximation": self._approximation,
+            "meta_trace": {k: v.clone() for k, v in self._meta_trace.items()},
         }
         return state_dict
 
@@ -751,6 +1014,19 @@ class MetaOptimize(Optimizer):
                 f"{section.get('learn_weight_decay', False)}, but this optimizer uses "
                 f"learn_weight_decay={self._learn_wd}"
             )
+        saved_trace = (
+            section.get("trace", "hessian-free"),
+            section.get("trace_approximation", "L"),
+        )
+        own_trace = (self._trace, self._approximation)
+        if saved_trace[0] != own_trace[0] or (
+            own_trace[0] == "hessian" and saved_trace != own_trace
+        ):
+            raise ValueError(
+                f"Invalid state_dict: saved with trace={saved_trace[0]!r} "
+                f"(trace_approximation={saved_trace[1]!r}), but this optimizer uses "
+                f"trace={own_trace[0]!r} (trace_approximation={own_trace[1]!r})"
+            )
         if section["blocks"] != self.layout.signature():
             raise ValueError(
                 f"Invalid state_dict: saved with block layout {section['blocks']!r}"
@@ -778,6 +1054,54 @@ class MetaOptimize(Optimizer):
         self._log_wd.copy_(section["log_weight_decay"])
         for key, value in self._wd_meta_state.items():
             value.copy_(section["weight_decay_meta_state"][key])
+        for key, value in self._meta_trace.items():
+            value.copy_(section["meta_trace"][key])
+
+
+def _check_trace(
+    trace: object,
+    approximation: object,
+    meta_active: bool,
+    blocks: object,
+    conflicts: dict[str, bool],
+) -> tuple[str, str]:
+    """Validate ``trace`` and ``trace_approximation`` and what ``trace="hessian"`` excludes."""
+    if trace not in TRACES:
+        raise ValueError(f"Invalid trace: {trace!r}; choose one of {list(TRACES)}")
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(
+            f"Invalid trace_approximation: {approximation!r}; choose one of {list(APPROXIMATIONS)}"
+        )
+    assert isinstance(trace, str)
+    assert isinstance(approximation, str)
+    if trace == "hessian":
+        if not meta_active:
+            raise ValueError(
+                "Invalid trace: 'hessian' needs an active meta rule (meta != 'fixed', meta_lr > 0)"
+            )
+        for name, given in conflicts.items():
+            if given:
+                raise ValueError(f"Invalid {name}: not supported with trace='hessian'")
+        if approximation == "2x2" and blocks == "weight":
+            raise ValueError(
+                "Invalid trace_approximation: '2x2' with blocks='weight' would need an n×n meta "
+                "trace; use 'L' or a block-level mode"
+            )
+    return trace, approximation
+
+
+def _check_hessian_group(group: dict[str, Any], first: dict[str, Any], approximation: str) -> None:
+    """Parameters and γ that ``trace="hessian"`` supports."""
+    for p in group["params"]:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"Invalid parameter dtype {p.dtype}: trace='hessian' needs float32 or float64"
+            )
+    if approximation == "2x2" and group["gamma"] != first["gamma"]:
+        raise ValueError(
+            f"Invalid gamma: {group['gamma']}; trace_approximation='2x2' needs one gamma for "
+            f"all param groups (the first has {first['gamma']})"
+        )
 
 
 def _check_trace_dtype(value: torch.dtype | str | None) -> torch.dtype | None:

@@ -183,8 +183,12 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     for step in range(config.steps):
         loss, extra = task.step_loss(model, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
+        if getattr(opt, "requires_closure", False):
+            # trace="hessian" takes the gradient (and Hessian-vector products) itself.
+            opt.step(lambda loss=loss: loss)
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
         if scheduler is not None:
             scheduler.step()
         losses[step] = loss.detach()

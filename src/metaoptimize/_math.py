@@ -1,0 +1,41 @@
+"""Elementwise helpers shared by the base and meta rules.
+
+:func:`sqrt` is ``torch.sqrt`` except inside :func:`forward_mode` (the Hessian trace's
+forward-mode derivatives), where its derivative at 0 is taken as 0 instead of 0/0 = NaN. A
+second moment is exactly 0 only where every past input was exactly 0; its tangent is then 0
+too, and so is the derivative of the step in that direction (docs/math.md §13).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["forward_mode", "sqrt"]
+
+_FORWARD_MODE = False
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """Within this block :func:`sqrt` has a finite derivative at 0."""
+    global _FORWARD_MODE
+    previous, _FORWARD_MODE = _FORWARD_MODE, True
+    try:
+        yield
+    finally:
+        _FORWARD_MODE = previous
+
+
+def sqrt(x: Tensor, inplace: bool = False) -> Tensor:
+    """``√x`` for ``x >= 0`` (in place on a temporary if ``inplace``).
+
+    Under :func:`forward_mode` it is computed out of place with a derivative of 0 at 0.
+    """
+    if not _FORWARD_MODE:
+        return x.sqrt_() if inplace else x.sqrt()
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
