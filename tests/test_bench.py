@@ -228,3 +228,13 @@ def test_summary_picks_best_of_grid_and_counts_its_cost() -> None:
     assert meta["value"] == 1e-4  # the untuned default, not the best of its sweep
     assert meta["runs_used"] == 1
     assert [e["optimizer"] for e in summary] == ["adamw", "mo-adamw-lion"]
+
+
+def test_runner_passes_a_closure_to_hessian_traces() -> None:
+    """trace="hessian" takes its own gradient: the runner hands it the loss as a closure."""
+    config = RunConfig("tracking", "mo-sgdm-adam", steps=20, options={"trace": "hessian"})
+    record = run_one(config)
+    assert record["steps_completed"] == 20
+    assert not record["diverged"]
+    (sizes,) = record["step_sizes"].values()
+    assert sizes[-1] != sizes[0]  # the meta-gradient reached the step size

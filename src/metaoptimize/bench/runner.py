@@ -8,6 +8,7 @@ skips every run whose ``result.json`` exists.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -185,7 +186,8 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if getattr(opt, "requires_closure", False):
             # trace="hessian" takes the gradient (and Hessian-vector products) itself.
-            opt.step(lambda loss=loss: loss)
+            closure: Any = functools.partial(_identity, loss)
+            opt.step(closure)
         else:
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -239,6 +241,11 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         "seed": config.seed,
         "versions": versions(),
     }
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    """A closure that returns an already computed loss (its graph is still alive)."""
+    return loss
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
