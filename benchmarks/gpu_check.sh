@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU machine (about 4-6 minutes on an H200):
-#   1. CUDA correctness: fused kernel against eager, no host syncs (tests/test_gpu.py);
+#   1. CUDA correctness: fused and foreach kernels against per-tensor eager, no host syncs
+#      (tests/test_gpu.py);
 #   2. the GPU benchmark at GPT-2-small shapes, written to $OUT (or ./gpu-results).
 # The device image has torch and triton but cannot install packages: everything runs from the
 # source tree with PYTHONPATH=src. Results go into docs/performance.md by hand.

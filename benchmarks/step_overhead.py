@@ -1,9 +1,12 @@
 """Optimizer-step and training-step time and memory: torch AdamW against MetaOptimize.
 
-    python benchmarks/step_overhead.py [--device cpu|cuda] [--repeats 30] [--json out.json]
+    python benchmarks/step_overhead.py [--device cpu|cuda] [--model mlp|many-tensors]
+        [--repeats 30] [--only SUBSTRING] [--json out.json]
 
-CPU: a 6.3M-parameter MLP (three 2M-weight layers). CUDA: GPT-2-small shapes (124M parameters, fp32 weights, bf16
-autocast, batch 8x1024). All optimizers are timed side by side in one process; each number is
+CPU: a 6.3M-parameter MLP (three 2M-weight layers), or with ``--model many-tensors`` a
+0.6M-parameter transformer with 150 parameter tensors (GPT-2's tensor count at a small width,
+where per-tensor overhead dominates). CUDA: GPT-2-small shapes (124M parameters, fp32
+weights, bf16 autocast, batch 8x1024). All optimizers are timed side by side in one process; each number is
 the median of ``--repeats`` timed steps after warm-up, with torch.cuda.synchronize around timed
 regions on CUDA. Prints a table with ratios to the fastest torch AdamW and writes JSON.
 """
@@ -31,6 +34,23 @@ def cpu_model() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
         nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024), nn.GELU(), nn.Linear(1024, 2048)
     )
     x = torch.randn(64, 1024)
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return m(x).square().mean()
+
+    return model, loss
+
+
+def many_tensors_model() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    """12 pre-norm transformer blocks of width 64: 150 parameter tensors, 0.6M parameters."""
+    torch.manual_seed(0)
+    layers = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True, norm_first=True),
+        num_layers=12,
+        enable_nested_tensor=False,
+    )
+    model = nn.Sequential(nn.Linear(32, 64), layers, nn.LayerNorm(64), nn.Linear(64, 32))
+    x = torch.randn(16, 32, 32)
 
     def loss(m: nn.Module) -> torch.Tensor:
         return m(x).square().mean()
@@ -95,6 +115,20 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
         table[f"MetaOptimize({base}, lion, scalar, fused)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01, fused=True
         )
+    for base in ("adamw", "lion", "adam", "sgdm", "rmsprop", "sgd"):
+        table[f"MetaOptimize({base}, lion, scalar, foreach)"] = lambda p, base=base: MetaOptimize(
+            p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01, foreach=True
+        )
+    if device.type == "cuda":  # the default there is foreach; time the per-tensor loop too
+        table["MetaOptimize(adamw, lion, scalar, per-tensor)"] = lambda p: MetaOptimize(
+            p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, foreach=False
+        )
+    table["MetaOptimize(adamw, adam, tensor, foreach)"] = lambda p: MetaOptimize(
+        p, base="adamw", meta="adam", alpha0=1e-4, weight_decay=0.01, blocks="tensor", foreach=True
+    )
+    table["MetaOptimize(adamw, lion, weight, foreach)"] = lambda p: MetaOptimize(
+        p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, blocks="weight", foreach=True
+    )
     table["MetaOptimize(adamw, adam, tensor)"] = lambda p: MetaOptimize(
         p, base="adamw", meta="adam", alpha0=1e-4, weight_decay=0.01, blocks="tensor"
     )
@@ -121,9 +155,18 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    name: str, build: Callable[[Any], torch.optim.Optimizer], device: torch.device, repeats: int
+    name: str,
+    build: Callable[[Any], torch.optim.Optimizer],
+    device: torch.device,
+    repeats: int,
+    model_name: str = "mlp",
 ) -> dict[str, Any]:
-    model, loss_fn = cpu_model() if device.type == "cpu" else gpt2_model(device)
+    if device.type == "cuda":
+        model, loss_fn = gpt2_model(device)
+    elif model_name == "many-tensors":
+        model, loss_fn = many_tensors_model()
+    else:
+        model, loss_fn = cpu_model()
     model.to(device)
     opt = build(model.parameters())
     if callable(getattr(opt, "train", None)):
@@ -155,6 +198,7 @@ def measure(
     return {
         "optimizer": name,
         "params": params,
+        "tensors": len(list(model.parameters())),
         "step_ms": 1e3 * statistics.median(step_times),
         "train_step_ms": 1e3 * statistics.median(train_times),
         "state_tensors_per_param": state_bytes / (params * 4),
@@ -167,13 +211,14 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=("mlp", "many-tensors"), default="mlp")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--only", help="substring filter on optimizer names")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [
-        measure(name, build, device, args.repeats)
+        measure(name, build, device, args.repeats, args.model)
         for name, build in optimizers(device).items()
         if not args.only or args.only in name or name.startswith("torch AdamW")
     ]
@@ -183,7 +228,8 @@ def main() -> None:
     )
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{rows[0]['params'] / 1e6:.1f}M parameters; ratios to the fastest torch AdamW"
+        f"{rows[0]['params'] / 1e6:.1f}M parameters in {rows[0]['tensors']} tensors; "
+        "ratios to the fastest torch AdamW"
     )
     print(
         f"{'optimizer':<36} {'step ms':>9} {'ratio':>6} {'train ms':>9} {'ratio':>6} "
@@ -202,6 +248,7 @@ def main() -> None:
             json.dump(
                 {
                     "device": str(device),
+                    "model": args.model if device.type == "cpu" else "gpt2-small",
                     "torch": torch.__version__,
                     "platform": platform.platform(),
                     "threads": torch.get_num_threads(),

@@ -1,4 +1,5 @@
-"""CUDA checks (skipped without a GPU): fused kernel against eager, and no host syncs."""
+"""CUDA checks (skipped without a GPU): fused and foreach kernels against per-tensor eager, and
+no host syncs."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ def _model() -> torch.nn.Module:
 
 
 def _run(
-    fused: bool, kwargs: dict[str, Any], steps: int = 20
+    fused: bool, kwargs: dict[str, Any], steps: int = 20, foreach: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     model = _model()
-    opt = MetaOptimize(model.parameters(), fused=fused, **kwargs)
+    opt = MetaOptimize(model.parameters(), fused=fused, foreach=foreach, **kwargs)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for _ in range(steps):
         x = torch.randn(32, 256, device="cuda", generator=generator)
@@ -44,12 +45,38 @@ def test_fused_cuda_kernel_matches_eager(base: str) -> None:
     torch.testing.assert_close(fused_sizes, eager_sizes, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    ("base", "blocks"),
+    [("adamw", "scalar"), ("adam", "tensor"), ("rmsprop", "weight"), ("sgdm", "scalar")],
+)
+def test_foreach_cuda_matches_per_tensor(base: str, blocks: str) -> None:
+    kwargs = {
+        "base": base,
+        "meta": "adam",
+        "blocks": blocks,
+        "alpha0": 1e-3,
+        "meta_lr": 1e-2,
+        "weight_decay": 0.1,
+    }
+    loop_params, loop_sizes = _run(False, kwargs)
+    foreach_params, foreach_sizes = _run(False, kwargs, foreach=True)
+    for a, b in zip(loop_params, foreach_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(foreach_sizes, loop_sizes, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("path", ["per-tensor", "foreach", "fused"])
 @pytest.mark.parametrize("blocks", ["scalar", "tensor", "weight"])
-def test_step_has_no_host_sync_under_cuda_sync_debug_mode(fused: bool, blocks: str) -> None:
+def test_step_has_no_host_sync_under_cuda_sync_debug_mode(path: str, blocks: str) -> None:
     model = _model()
     opt = MetaOptimize(
-        model.parameters(), base="adamw", meta="adam", blocks=blocks, fused=fused, alpha0=1e-3
+        model.parameters(),
+        base="adamw",
+        meta="adam",
+        blocks=blocks,
+        fused=path == "fused",
+        foreach=path == "foreach",
+        alpha0=1e-3,
     )
     x = torch.randn(32, 256, device="cuda")
     for step in range(3):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaoptimize._foreach import foreach_parameter_step
 from metaoptimize._fused import (
     compile_parameter_step,
     fused_parameter_step,
@@ -116,6 +117,10 @@ class MetaOptimize(Optimizer):
             active meta rule, block-level step sizes and ``weight_decay > 0``; uses the eager
             path.
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
+        foreach: update the parameters of a param group, device and dtype with multi-tensor
+            (``torch._foreach_*``) operations, one launch per operation instead of one per
+            tensor. Default None: on for CUDA tensors, off on CPU (docs/performance.md).
+            ``fused=True`` takes precedence for the tensors it supports.
         trace: ``"hessian-free"`` (default; paper Algorithm 3) or ``"hessian"``: keep the
             Hessian terms of the trace (paper Algorithm 1) with Hessian-vector products.
             ``"hessian"`` needs ``step(closure)``, where the closure recomputes and *returns*
@@ -177,6 +182,7 @@ class MetaOptimize(Optimizer):
         weight_decay_meta_lr: float | None = None,
         trace: str = "hessian-free",
         trace_approximation: str = "L",
+        foreach: bool | None = None,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -219,6 +225,9 @@ class MetaOptimize(Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
         self._fused = fused
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
+        self._foreach = foreach
         self._compiled: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         if not isinstance(kahan_summation, bool):
@@ -568,6 +577,7 @@ class MetaOptimize(Optimizer):
         alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
         kappa_blocks = self._log_wd.exp() if self._learn_wd else None
         flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        buckets: dict[tuple[int, torch.device, torch.dtype], list[_Entry]] = {}
         for entry in entries:
             group, p, grad, state, block = (
                 entry.group,
@@ -581,6 +591,9 @@ class MetaOptimize(Optimizer):
                 on_device = finite.to(grad.device)
                 flag_cache[key] = (on_device, on_device.to(grad.dtype))
             finite_here, ok = flag_cache[key]
+            if self._use_foreach(entry, kappa_blocks):
+                buckets.setdefault((id(group), *key), []).append(entry)
+                continue
             scale = ok * group["lr"]
             if alpha_blocks is None:
                 alpha = state["log_alpha"].exp().mul_(scale)
@@ -615,6 +628,31 @@ class MetaOptimize(Optimizer):
                     )
             parameter_step(
                 self._base, p, grad, state, group, finite_here, ok, alpha, meta_active, decoupled
+            )
+        for (_, device, dtype), bucket in buckets.items():
+            finite_here, ok = flag_cache[(device, dtype)]
+            group = bucket[0].group
+            scale = ok * group["lr"]
+            if alpha_blocks is None:
+                alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
+                    [e.state["log_alpha"] for e in bucket]
+                )
+                torch._foreach_mul_(alphas, scale)
+            else:
+                index, _ = self._block_indices(tuple(e.block for e in bucket))
+                gathered = alpha_blocks[index].to(device, dtype) * scale
+                alphas = list(gathered.unbind())
+            foreach_parameter_step(
+                self._base,
+                [e.param for e in bucket],
+                [e.grad for e in bucket],
+                [e.state for e in bucket],
+                group,
+                finite_here,
+                ok,
+                alphas,
+                meta_active,
+                is_decoupled(self._base, group),
             )
 
         # 3. Meta step on β = log α (after the weight step, as in the paper).
@@ -848,6 +886,19 @@ class MetaOptimize(Optimizer):
         trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
         for k in keys:
             trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
+
+    def _use_foreach(self, entry: _Entry, kappa_blocks: Tensor | None) -> bool:
+        """Whether this parameter's update goes through the multi-tensor path."""
+        foreach = self._foreach
+        if foreach is None:  # default: multi-tensor on CUDA (launch-bound), per tensor on CPU
+            foreach = entry.grad.device.type == "cuda"
+        return (
+            foreach
+            and not (self._fused and supports_fused(entry.param, entry.grad, entry.state))
+            and kappa_blocks is None
+            and entry.param.dtype == entry.grad.dtype
+            and "kahan_comp" not in entry.state
+        )
 
     def _gather_entries(self) -> list[_Entry]:
         """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""

@@ -1,0 +1,81 @@
+"""The multi-tensor (foreach) path equals the per-tensor path in float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from cases import CASES, Case
+from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from metaoptimize import MetaOptimize
+
+
+def _groups(model: TinyNet, case: Case) -> Any:
+    if case.blocks == "explicit":
+        return [
+            {"params": list(model.hidden.parameters())},
+            {"params": list(model.out.parameters()), "lr": 0.5},
+        ], [[model.hidden.weight, model.out.bias], [model.hidden.bias, model.out.weight]]
+    return [
+        {"params": list(model.hidden.parameters())},
+        {"params": list(model.out.parameters()), "lr": 0.5},
+    ], case.blocks
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_foreach_equals_per_tensor(case: Case) -> None:
+    """Two groups (one with an lr multiplier), a skipped step, a parameter without gradient."""
+    per_tensor_model = TinyNet()
+    foreach_model = clone_model(per_tensor_model)
+    optimizers = []
+    for model, foreach in ((per_tensor_model, False), (foreach_model, True)):
+        groups, blocks = _groups(model, case)
+        optimizers.append(MetaOptimize(groups, blocks=blocks, foreach=foreach, **case.kwargs()))
+    for step, batch in enumerate(batches(12)):
+        for model, opt in zip((per_tensor_model, foreach_model), optimizers, strict=True):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            if step == 5:  # a skipped step must be skipped by both
+                model.out.bias.grad[0] = float("nan")
+            if step == 8:  # a parameter without a gradient keeps its state
+                model.hidden.bias.grad = None
+            opt.step()
+    per_tensor, foreach = optimizers
+    for a, b in zip(per_tensor_model.parameters(), foreach_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-13)
+        for key, value in per_tensor.state[a].items():
+            torch.testing.assert_close(foreach.state[b][key], value, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(
+        flat_step_sizes(foreach), flat_step_sizes(per_tensor), rtol=1e-11, atol=0
+    )
+    assert int(foreach.skipped_steps) == int(per_tensor.skipped_steps) == 1
+
+
+def test_foreach_default_is_per_tensor_on_cpu_and_rejects_non_bools() -> None:
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters())
+    loss_fn(model, batches(1)[0]).backward()
+    entries = opt._gather_entries()
+    assert not any(opt._use_foreach(e, None) for e in entries)
+    assert all(
+        MetaOptimize(model.parameters(), foreach=True)._use_foreach(e, None) for e in entries
+    )
+    with pytest.raises(TypeError, match="Invalid foreach"):
+        MetaOptimize(model.parameters(), foreach=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", CASES[::4], ids=str)
+def test_foreach_step_reads_no_tensor_value(case: Case) -> None:
+    """On meta-device tensors any read of a value fails (e.g. a 0-d tensor taken as a Scalar)."""
+    from test_contract import _forbid_host_sync
+
+    model = TinyNet().to("meta")
+    groups, blocks = _groups(model, case)
+    opt = MetaOptimize(groups, blocks=blocks, foreach=True, **case.kwargs())
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        with _forbid_host_sync():
+            opt.step()
