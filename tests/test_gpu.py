@@ -21,10 +21,16 @@ def _model() -> torch.nn.Module:
 
 
 def _run(
-    fused: bool, kwargs: dict[str, Any], steps: int = 20, foreach: bool = False
+    fused: bool,
+    kwargs: dict[str, Any],
+    steps: int = 20,
+    foreach: bool = False,
+    backend: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     model = _model()
-    opt = MetaOptimize(model.parameters(), fused=fused, foreach=foreach, **kwargs)
+    opt = MetaOptimize(
+        model.parameters(), fused=fused, foreach=foreach, fused_backend=backend, **kwargs
+    )
     generator = torch.Generator(device="cuda").manual_seed(1)
     for _ in range(steps):
         x = torch.randn(32, 256, device="cuda", generator=generator)
@@ -35,11 +41,12 @@ def _run(
     return [p.detach() for p in model.parameters()], sizes
 
 
+@pytest.mark.parametrize("backend", ["auto", "compile"])  # auto: Triton when installed
 @pytest.mark.parametrize("base", ["adamw", "lion"])
-def test_fused_cuda_kernel_matches_eager(base: str) -> None:
+def test_fused_cuda_kernel_matches_eager(base: str, backend: str) -> None:
     kwargs = {"base": base, "meta": "lion", "alpha0": 1e-3, "meta_lr": 1e-2, "weight_decay": 0.1}
     eager_params, eager_sizes = _run(False, kwargs)
-    fused_params, fused_sizes = _run(True, kwargs)
+    fused_params, fused_sizes = _run(True, kwargs, backend=backend)
     for a, b in zip(eager_params, fused_params, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused_sizes, eager_sizes, rtol=1e-5, atol=0)
@@ -65,7 +72,7 @@ def test_foreach_cuda_matches_per_tensor(base: str, blocks: str) -> None:
     torch.testing.assert_close(foreach_sizes, loop_sizes, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("path", ["per-tensor", "foreach", "fused"])
+@pytest.mark.parametrize("path", ["per-tensor", "foreach", "fused", "fused-compile"])
 @pytest.mark.parametrize("blocks", ["scalar", "tensor", "weight"])
 def test_step_has_no_host_sync_under_cuda_sync_debug_mode(path: str, blocks: str) -> None:
     model = _model()
@@ -74,7 +81,8 @@ def test_step_has_no_host_sync_under_cuda_sync_debug_mode(path: str, blocks: str
         base="adamw",
         meta="adam",
         blocks=blocks,
-        fused=path == "fused",
+        fused=path.startswith("fused"),
+        fused_backend="compile" if path == "fused-compile" else "auto",
         foreach=path == "foreach",
         alpha0=1e-3,
     )

@@ -19,6 +19,7 @@ from metaoptimize._fused import (
     parameter_step,
     supports_fused,
 )
+from metaoptimize._triton import triton_available, triton_parameter_step, triton_supports
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
@@ -117,6 +118,10 @@ class MetaOptimize(Optimizer):
             active meta rule, block-level step sizes and ``weight_decay > 0``; uses the eager
             path.
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
+        fused_backend: with ``fused=True``: ``"auto"`` (default) runs the AdamW and Lion bases
+            on CUDA through a Triton kernel when Triton is installed and everything else
+            through ``torch.compile``; ``"triton"`` also uses Triton off CUDA (its interpreter,
+            ``TRITON_INTERPRET=1``, for tests); ``"compile"`` never uses Triton.
         foreach: update the parameters of a param group, device and dtype with multi-tensor
             (``torch._foreach_*``) operations, one launch per operation instead of one per
             tensor. Default None: on for CUDA tensors, off on CPU (docs/performance.md).
@@ -183,6 +188,7 @@ class MetaOptimize(Optimizer):
         trace: str = "hessian-free",
         trace_approximation: str = "L",
         foreach: bool | None = None,
+        fused_backend: str = "auto",
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"Invalid base: {base!r}; expected a rule name")
@@ -225,6 +231,13 @@ class MetaOptimize(Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
         self._fused = fused
+        if fused_backend not in ("auto", "triton", "compile"):
+            raise ValueError(
+                f"Invalid fused_backend: {fused_backend!r}; choose 'auto', 'triton' or 'compile'"
+            )
+        if fused_backend == "triton" and not triton_available():
+            raise ValueError("Invalid fused_backend: 'triton' needs Triton (pip install triton)")
+        self._fused_backend = fused_backend
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
         self._foreach = foreach
@@ -602,6 +615,20 @@ class MetaOptimize(Optimizer):
             decoupled = is_decoupled(self._base, group)
             if kappa_blocks is not None:
                 group = {**group, "weight_decay": kappa_blocks[block].to(grad.device, grad.dtype)}
+            if self._fused and self._use_triton(entry, alpha, decoupled, kappa_blocks):
+                try:
+                    triton_parameter_step(
+                        self._base.name, p, grad, state, group, ok, alpha, meta_active
+                    )
+                    continue
+                except Exception as error:  # noqa: BLE001 - the kernel failed to build; nothing ran
+                    self._fused_backend = "compile"
+                    warnings.warn(
+                        f"MetaOptimize(fused=True): the Triton kernel failed ({error!r:.200}); "
+                        "continuing with the torch.compile kernel",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             if self._fused and kappa_blocks is None and supports_fused(p, grad, state):
                 try:
                     fused_parameter_step(
@@ -886,6 +913,19 @@ class MetaOptimize(Optimizer):
         trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
         for k in keys:
             trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
+
+    def _use_triton(
+        self, entry: _Entry, alpha: Tensor, decoupled: bool, kappa_blocks: Tensor | None
+    ) -> bool:
+        """Whether ``fused=True`` runs this parameter through the Triton kernel."""
+        backend = self._fused_backend
+        wanted = backend == "triton" or (backend == "auto" and entry.param.is_cuda)
+        return (
+            wanted
+            and kappa_blocks is None
+            and alpha.dim() == 0
+            and triton_supports(self._base.name, entry.param, entry.grad, entry.state, decoupled)
+        )
 
     def _use_foreach(self, entry: _Entry, kappa_blocks: Tensor | None) -> bool:
         """Whether this parameter's update goes through the multi-tensor path."""

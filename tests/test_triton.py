@@ -1,0 +1,122 @@
+"""The Triton kernels (AdamW and Lion bases) equal the per-tensor path in float64.
+
+Run through Triton's interpreter on CPU (``TRITON_INTERPRET=1``); skipped without Triton.
+``tests/test_gpu.py`` runs the compiled kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from metaoptimize import MetaOptimize, _triton
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Define the kernels under the interpreter (the decorator reads the flag) and forget them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _triton._KERNELS.clear()
+    yield
+    _triton._KERNELS.clear()
+
+
+CASES = [
+    {"base": base, "meta": meta, "blocks": blocks, "weight_decay": wd, "gamma": gamma}
+    for (base, meta), blocks, (wd, gamma) in itertools.product(
+        [("adamw", "lion"), ("adamw", "adam"), ("lion", "sgd"), ("lion", "fixed")],
+        ["scalar", "tensor"],
+        [(0.1, 0.9), (0.0, 1.0)],
+    )
+]
+
+
+def _train(kwargs: dict[str, Any], **options: Any) -> tuple[TinyNet, MetaOptimize]:
+    model = TinyNet()
+    groups = [
+        {"params": list(model.hidden.parameters())},
+        {"params": list(model.out.parameters()), "lr": 0.5},
+    ]
+    settings = {"alpha0": 0.01, "meta_lr": 0.5 if kwargs["meta"] == "sgd" else 0.05, **kwargs}
+    opt = MetaOptimize(groups, **settings, **options)
+    for step, batch in enumerate(batches(10)):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        if step == 4:  # a skipped step must be skipped by both
+            model.out.bias.grad[0] = float("nan")
+        opt.step()
+    return model, opt
+
+
+def _assert_same(a: tuple[TinyNet, MetaOptimize], b: tuple[TinyNet, MetaOptimize]) -> None:
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+        for key, value in opt_a.state[p].items():
+            torch.testing.assert_close(opt_b.state[q][key], value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat_step_sizes(opt_b), flat_step_sizes(opt_a), rtol=1e-12, atol=0)
+    assert int(opt_a.skipped_steps) == int(opt_b.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: "-".join(str(v) for v in k.values()))
+def test_triton_kernel_equals_per_tensor_path(kwargs: dict[str, Any]) -> None:
+    calls = []
+    original = _triton.triton_parameter_step
+
+    def counting(*args: Any, **kw: Any) -> None:
+        calls.append(args[0])
+        original(*args, **kw)
+
+    per_tensor = _train(kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metaoptimize.optimizer.triton_parameter_step", counting)
+        triton_run = _train(kwargs, fused=True, fused_backend="triton")
+    assert len(calls) == 10 * 4  # every step, every tensor went through the kernel
+    _assert_same(per_tensor, triton_run)
+
+
+def test_unsupported_base_uses_the_compiled_kernel() -> None:
+    kwargs = {"base": "adam", "meta": "adam", "blocks": "scalar", "weight_decay": 0.1}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            "metaoptimize.optimizer.triton_parameter_step",
+            lambda *a, **k: pytest.fail("adam is not a Triton base"),
+        )
+        fused = _train(kwargs, fused=True, fused_backend="triton")
+    _assert_same(_train(kwargs), fused)
+
+
+def test_a_failing_kernel_falls_back_with_a_warning() -> None:
+    kwargs = {"base": "adamw", "meta": "lion", "blocks": "scalar", "weight_decay": 0.1}
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no kernel today")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metaoptimize.optimizer.triton_parameter_step", broken)
+        with pytest.warns(RuntimeWarning, match="Triton kernel failed"):
+            fallback = _train(kwargs, fused=True, fused_backend="triton")
+    _assert_same(_train(kwargs), fallback)
+
+
+def test_fused_backend_is_validated() -> None:
+    with pytest.raises(ValueError, match="Invalid fused_backend"):
+        MetaOptimize(TinyNet().parameters(), fused=True, fused_backend="cuda")
+
+
+def test_auto_backend_keeps_cpu_tensors_off_triton() -> None:
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters(), fused=True)
+    loss_fn(model, batches(1)[0]).backward()
+    (entry, *_) = opt._gather_entries()
+    alpha = torch.ones((), dtype=entry.grad.dtype)
+    assert not opt._use_triton(entry, alpha, True, None)
+    forced = MetaOptimize(clone_model(model).parameters(), fused=True, fused_backend="triton")
+    assert forced._use_triton(entry, alpha, True, None)
