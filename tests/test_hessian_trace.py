@@ -428,3 +428,83 @@ def test_ignored_parameters_and_linear_losses_are_handled() -> None:
     assert torch.equal(unused, torch.ones(2, dtype=DTYPE))
     assert unused not in opt.state
     assert int(opt.skipped_steps) == 0
+
+
+# ------------------------------------------------- the full trace (Q kept), SGD/SGD on least squares
+
+
+def _least_squares(steps: int, n: int = 5) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(steps, n, generator=generator, dtype=DTYPE)
+    targets = torch.randn(steps, generator=generator, dtype=DTYPE)
+    return inputs, targets, torch.randn(n, generator=generator, dtype=DTYPE)
+
+
+def test_full_trace_without_q_is_the_2x2_approximation() -> None:
+    from metaoptimize.bench.full_trace import full_trace_sgd_sgd
+
+    inputs, targets, w0 = _least_squares(30)
+    losses, betas, w_final, _ = full_trace_sgd_sgd(
+        inputs, targets, w0, 0.05, 0.3, 0.8, include_q=False
+    )
+    w = torch.nn.Parameter(w0.clone())
+    opt = MetaOptimize(
+        [w],
+        base="sgd",
+        meta="sgd",
+        alpha0=0.05,
+        meta_lr=0.3,
+        gamma=0.8,
+        trace="hessian",
+        trace_approximation="2x2",
+    )
+    for t in range(30):
+        assert torch.allclose(opt.step_sizes()["all"].log(), betas[t], rtol=1e-12, atol=1e-14)
+        loss = opt.step(lambda t=t: 0.5 * (inputs[t] @ w - targets[t]) ** 2)
+        torch.testing.assert_close(loss.detach(), losses[t], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(w.detach(), w_final, rtol=1e-12, atol=1e-14)
+    assert (betas[-1] - betas[0]).abs() > 1e-3
+
+
+def test_full_trace_is_the_discounted_derivative_of_the_system_with_its_trace() -> None:
+    """[Y; X; Q]_t against autograd: the trace X is now a state whose own derivative counts."""
+    from metaoptimize.bench.full_trace import full_trace_sgd_sgd
+
+    gamma, eta, steps = 0.8, 0.3, 4
+    inputs, targets, w0 = _least_squares(steps)
+    # B_s = γ Y_s + (1-γ), held constant within each step (paper eq. 47)
+    mixes = [
+        gamma * full_trace_sgd_sgd(inputs[:s], targets[:s], w0, 0.05, eta, gamma)[3][0]
+        + (1 - gamma)
+        for s in range(steps)
+    ]
+
+    def unrolled(eps: Tensor, t: int) -> Tensor:
+        w, beta, x = w0.clone(), torch.tensor(math.log(0.05), dtype=DTYPE), torch.zeros_like(w0)
+        for s in range(t):
+            beta = beta + eps[s]
+            a = inputs[s]
+            g = (a @ w - targets[s]) * a
+            alpha = beta.exp()
+            z = x @ g
+            x = -alpha * g * mixes[s] + gamma * (x - alpha * a * (a @ x))
+            w = w - alpha * g
+            beta = beta - eta * z
+        return torch.cat([beta.reshape(1), w, x])
+
+    for t in range(1, steps + 1):
+        jac = torch.autograd.functional.jacobian(
+            lambda e, t=t: unrolled(e, t), torch.zeros(t, dtype=DTYPE)
+        )
+        weights = torch.tensor(
+            [
+                (1 - gamma) * gamma ** (t - 1 - tau) + (gamma**t if tau == 0 else 0.0)
+                for tau in range(t)
+            ],
+            dtype=DTYPE,
+        )
+        expected = jac @ weights
+        y, x, q = full_trace_sgd_sgd(inputs[:t], targets[:t], w0, 0.05, eta, gamma)[3]
+        torch.testing.assert_close(
+            torch.cat([y.reshape(1), x, q]), expected, rtol=1e-10, atol=1e-12
+        )
