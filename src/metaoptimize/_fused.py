@@ -18,10 +18,14 @@ import torch
 from torch import Tensor
 
 from metaoptimize.base import BaseRule, has_decay
+from metaoptimize.meta import MetaRule
 
 __all__ = [
+    "compile_meta_step",
     "compile_parameter_step",
+    "fused_meta_step",
     "fused_parameter_step",
+    "meta_step",
     "parameter_step",
     "supports_fused",
 ]
@@ -150,3 +154,43 @@ def fused_parameter_step(
         with_trace,
         decoupled,
     )
+
+
+def meta_step(
+    rule: MetaRule,
+    log_alpha: Tensor,
+    z: Tensor,
+    meta_state: dict[str, Tensor],
+    keep: Tensor,
+    low: float,
+    high: float,
+) -> None:
+    """The meta rule on ``β = log α`` where ``keep`` holds, clamped to ``[low, high]``; in place."""
+    new_log_alpha, new_state = rule.update(log_alpha, z, meta_state)
+    if low > float("-inf") or high < float("inf"):
+        new_log_alpha = new_log_alpha.clamp(low, high)
+    log_alpha.copy_(torch.where(keep, new_log_alpha, log_alpha))
+    for key, value in new_state.items():
+        meta_state[key].copy_(torch.where(keep, value, meta_state[key]))
+
+
+def compile_meta_step() -> Callable[..., None]:
+    """A compiled :func:`meta_step` with its own compile cache (per-weight step sizes)."""
+    code = meta_step.__code__
+    copy = types.FunctionType(code.replace(), meta_step.__globals__, code.co_name)
+    return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True))
+
+
+def fused_meta_step(
+    compiled: Callable[..., None],
+    rule: MetaRule,
+    log_alpha: Tensor,
+    z: Tensor,
+    meta_state: dict[str, Tensor],
+    keep: Tensor,
+    low: float,
+    high: float,
+) -> None:
+    """Run ``compiled`` (from :func:`compile_meta_step`) on flat views (see above for why)."""
+    flat_state = {key: value.view(-1) for key, value in meta_state.items()}
+    compiled(rule, log_alpha.view(-1), z.reshape(-1), flat_state, keep, low, high)

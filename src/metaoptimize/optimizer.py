@@ -14,8 +14,11 @@ from torch.optim import Optimizer
 
 from metaoptimize._foreach import foreach_parameter_step
 from metaoptimize._fused import (
+    compile_meta_step,
     compile_parameter_step,
+    fused_meta_step,
     fused_parameter_step,
+    meta_step,
     parameter_step,
     supports_fused,
 )
@@ -242,6 +245,7 @@ class MetaOptimize(Optimizer):
             raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
         self._foreach = foreach
         self._compiled: Callable[..., None] | None = None
+        self._compiled_meta: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         if not isinstance(kahan_summation, bool):
             raise TypeError(f"Invalid kahan_summation: {kahan_summation!r}; expected a bool")
@@ -705,9 +709,36 @@ class MetaOptimize(Optimizer):
                         for k, v in entry.state.items()
                         if k.startswith(_META_PREFIX)
                     }
-                    self._meta_step(entry.state["log_alpha"], z, meta_state, finite.to(z.device))
+                    self._weight_meta_step(entry.state["log_alpha"], z, meta_state, finite)
         self._skipped.add_((~finite).to(torch.int64))
         return loss
+
+    def _weight_meta_step(
+        self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], finite: Tensor
+    ) -> None:
+        """The meta step of one parameter's per-weight step sizes (compiled with ``fused``)."""
+        keep = finite.to(z.device)
+        contiguous = log_alpha.is_contiguous() and all(
+            v.is_contiguous() for v in meta_state.values()
+        )
+        if self._fused and contiguous:
+            try:
+                if self._compiled_meta is None:
+                    self._compiled_meta = compile_meta_step()
+                low, high = self._log_bounds
+                fused_meta_step(
+                    self._compiled_meta, self._meta, log_alpha, z, meta_state, keep, low, high
+                )
+                return
+            except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
+                self._fused = False
+                warnings.warn(
+                    f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}"
+                    "); continuing with the eager path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        self._meta_step(log_alpha, z, meta_state, keep)
 
     def _trace_columns(self) -> int:
         """Trace columns of ``trace="hessian"``: one per block, one shared for "weight"."""
@@ -1032,13 +1063,8 @@ class MetaOptimize(Optimizer):
         bounded: bool = True,
     ) -> None:
         """Apply the meta rule where ``keep_new`` holds; update tensors in place."""
-        new_log_alpha, new_state = (rule or self._meta).update(log_alpha, z, meta_state)
-        low, high = self._log_bounds
-        if bounded and (low > -math.inf or high < math.inf):
-            new_log_alpha = new_log_alpha.clamp(low, high)
-        log_alpha.copy_(torch.where(keep_new, new_log_alpha, log_alpha))
-        for key, value in new_state.items():
-            meta_state[key].copy_(torch.where(keep_new, value, meta_state[key]))
+        low, high = self._log_bounds if bounded else (-math.inf, math.inf)
+        meta_step(rule or self._meta, log_alpha, z, meta_state, keep_new, low, high)
 
     # ------------------------------------------------------------------ state dict
 
