@@ -104,23 +104,25 @@ def supports_fused(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
     )
 
 
-def compile_parameter_step() -> Callable[..., None]:
-    """A compiled :func:`parameter_step` with a compile cache of its own.
+def _compile_own_copy(function: Callable[..., None], **options: Any) -> Callable[..., None]:
+    """``torch.compile`` of a fresh copy of ``function``'s code, with a compile cache of its own.
 
     torch.compile keeps one cache per code object, with a small recompile limit; every
     optimizer gets its own copy of the code so that one process can run many optimizers
     (the benchmark harness does) without exhausting a shared cache.
     """
-    code = parameter_step.__code__
+    code = function.__code__
     copy = types.FunctionType(
-        code.replace(), parameter_step.__globals__, code.co_name, parameter_step.__defaults__
+        code.replace(), function.__globals__, code.co_name, function.__defaults__
     )
+    return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True, **options))
+
+
+def compile_parameter_step() -> Callable[..., None]:
+    """A compiled :func:`parameter_step` (see :func:`_compile_own_copy`)."""
     # emulate_precision_casts: keep the rounding of low-precision casts (the Kahan update
     # measures what rounding to bfloat16 lost; without it Inductor skips the round trip).
-    compiled = torch.compile(
-        copy, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True}
-    )
-    return cast(Callable[..., None], compiled)
+    return _compile_own_copy(parameter_step, options={"emulate_precision_casts": True})
 
 
 def fused_parameter_step(
@@ -175,10 +177,8 @@ def meta_step(
 
 
 def compile_meta_step() -> Callable[..., None]:
-    """A compiled :func:`meta_step` with its own compile cache (per-weight step sizes)."""
-    code = meta_step.__code__
-    copy = types.FunctionType(code.replace(), meta_step.__globals__, code.co_name)
-    return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True))
+    """A compiled :func:`meta_step`, for per-weight step sizes (see :func:`_compile_own_copy`)."""
+    return _compile_own_copy(meta_step)
 
 
 def fused_meta_step(

@@ -650,13 +650,7 @@ class MetaOptimize(Optimizer):
                     )
                     continue
                 except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
-                    self._fused = False
-                    warnings.warn(
-                        f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}"
-                        "); continuing with the eager path",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                    self._compile_failed(error)
             parameter_step(
                 self._base, p, grad, state, group, finite_here, ok, alpha, meta_active, decoupled
             )
@@ -713,6 +707,16 @@ class MetaOptimize(Optimizer):
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
+    def _compile_failed(self, error: Exception) -> None:
+        """Turn ``fused`` off for good, with one warning, after a failed compilation."""
+        self._fused = False
+        warnings.warn(
+            f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}); continuing "
+            "with the eager path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     def _weight_meta_step(
         self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], finite: Tensor
     ) -> None:
@@ -731,13 +735,7 @@ class MetaOptimize(Optimizer):
                 )
                 return
             except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
-                self._fused = False
-                warnings.warn(
-                    f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}"
-                    "); continuing with the eager path",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                self._compile_failed(error)
         self._meta_step(log_alpha, z, meta_state, keep)
 
     def _trace_columns(self) -> int:
