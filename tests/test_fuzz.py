@@ -119,3 +119,54 @@ def test_random_configurations_train_finitely(setup: dict[str, Any]) -> None:
 def test_invalid_values_raise_a_clear_error(name: str, value: Any) -> None:
     with pytest.raises((ValueError, TypeError), match=rf"Invalid {name}"):
         MetaOptimize([torch.nn.Parameter(torch.zeros(2))], **{name: value})
+
+
+def _clone_setup(setup: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]], Any]:
+    """Fresh float64 copies of the setup's parameters, groups and explicit blocks."""
+    originals = setup["params"]
+    copies = [torch.nn.Parameter(p.detach().to(torch.float64, copy=True)) for p in originals]
+    index = {id(p): i for i, p in enumerate(originals)}
+    groups = [{**g, "params": [copies[index[id(p)]] for p in g["params"]]} for g in setup["groups"]]
+    blocks = setup["blocks"]
+    if not isinstance(blocks, str):
+        blocks = [[copies[index[id(p)]] for p in block] for block in blocks]
+    return copies, groups, blocks
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(setup=setups())
+def test_foreach_equals_per_tensor_on_random_configurations(setup: dict[str, Any]) -> None:
+    """Random shapes (0-d included), groups, blocks and rules: foreach = per tensor (float64)."""
+    extra = setup["extra"]
+    if extra.get("nesterov"):
+        extra = {**extra, "dampening": 0.0}
+    runs = []
+    for foreach in (False, True):
+        params, groups, blocks = _clone_setup(setup)
+        opt = MetaOptimize(
+            groups,
+            base=setup["base"],
+            meta=setup["meta"],
+            blocks=blocks,
+            alpha0=setup["alpha0"],
+            meta_lr=setup["meta_lr"],
+            gamma=setup["gamma"],
+            weight_decay=setup["weight_decay"],
+            foreach=foreach,
+            **extra,
+        )
+        generator = torch.Generator().manual_seed(0)
+        for step in range(5):
+            for i, p in enumerate(params):
+                grad = torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1
+                p.grad = None if (step == 2 and i == len(params) - 1) else grad
+            if step == setup["nan_step"] and params[0].grad is not None:
+                params[0].grad.view(-1)[0] = float("nan")
+            opt.step()
+        runs.append((params, opt))
+    (loop_params, loop_opt), (foreach_params, foreach_opt) = runs
+    for p, q in zip(loop_params, foreach_params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+        for key, value in loop_opt.state[p].items():
+            torch.testing.assert_close(foreach_opt.state[q][key], value, rtol=1e-10, atol=1e-12)
+    assert int(loop_opt.skipped_steps) == int(foreach_opt.skipped_steps)
