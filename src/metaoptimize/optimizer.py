@@ -698,11 +698,7 @@ class MetaOptimize(Optimizer):
                         )
             else:
                 for entry, z in zip(entries, z_weight, strict=True):
-                    meta_state = {
-                        k[len(_META_PREFIX) :]: v
-                        for k, v in entry.state.items()
-                        if k.startswith(_META_PREFIX)
-                    }
+                    meta_state = _weight_meta_state(entry.state)
                     self._weight_meta_step(entry.state["log_alpha"], z, meta_state, finite)
         self._skipped.add_((~finite).to(torch.int64))
         return loss
@@ -906,11 +902,7 @@ class MetaOptimize(Optimizer):
             self._meta_step(self._log_alpha, z_block, self._meta_state, keep)
         else:
             for e, z in zip(entries, z_weight, strict=True):
-                meta_state = {
-                    k[len(_META_PREFIX) :]: v
-                    for k, v in e.state.items()
-                    if k.startswith(_META_PREFIX)
-                }
+                meta_state = _weight_meta_state(e.state)
                 self._meta_step(e.state["log_alpha"], z, meta_state, finite.to(z.device))
         self._skipped.add_((~finite).to(torch.int64))
         return loss
@@ -1268,6 +1260,11 @@ class _Entry:
     ) -> None:
         self.group, self.param, self.grad = group, param, grad
         self.state, self.block, self.share = state, block, share
+
+
+def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The meta rule's state of per-weight step sizes, stored in the parameter's state."""
+    return {k[len(_META_PREFIX) :]: v for k, v in state.items() if k.startswith(_META_PREFIX)}
 
 
 def _local(tensor: Tensor) -> Tensor:
