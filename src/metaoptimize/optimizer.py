@@ -401,8 +401,10 @@ class MetaOptimize(Optimizer):
         self._log_alpha = torch.cat([self._log_alpha, extra])
         fresh = self._meta.init_state(extra)
         self._meta_state = {key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh}
-        if self._trace == "hessian" and self._approximation == "2x2":
-            self._grow_meta_trace(layout.num_blocks)
+        if self._trace == "hessian":
+            self._pad_trace_columns()
+            if self._approximation == "2x2":
+                self._grow_meta_trace(layout.num_blocks)
         if self._learn_wd:
             wd_of_block: dict[int, float] = {}
             for block, group in zip(layout.block_of_param, params_group, strict=True):
@@ -697,9 +699,7 @@ class MetaOptimize(Optimizer):
                             bounded=False,
                         )
             else:
-                for entry, z in zip(entries, z_weight, strict=True):
-                    meta_state = _weight_meta_state(entry.state)
-                    self._weight_meta_step(entry.state["log_alpha"], z, meta_state, finite)
+                self._weight_meta_steps(entries, z_weight, finite)
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
@@ -712,6 +712,12 @@ class MetaOptimize(Optimizer):
             RuntimeWarning,
             stacklevel=4,
         )
+
+    def _weight_meta_steps(self, entries: list[_Entry], z: list[Tensor], finite: Tensor) -> None:
+        """Meta steps of per-weight step sizes, stored in each parameter's state."""
+        for entry, z_entry in zip(entries, z, strict=True):
+            meta_state = _weight_meta_state(entry.state)
+            self._weight_meta_step(entry.state["log_alpha"], z_entry, meta_state, finite)
 
     def _weight_meta_step(
         self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], finite: Tensor
@@ -784,7 +790,6 @@ class MetaOptimize(Optimizer):
             p.grad = None if g is None else g.detach()
         graph_grad_of = {id(p): g for p, g in zip(params, graph_grads, strict=True)}
         del graph_grads
-        self._pad_trace_columns()
         entries = self._gather_entries()
         if not entries:
             return loss
@@ -841,7 +846,9 @@ class MetaOptimize(Optimizer):
         ok_cache: dict[torch.dtype, Tensor] = {}
         for i, (e, gamma) in enumerate(zip(entries, gammas, strict=True)):
             state, group = e.state, e.group
-            ok = ok_cache.setdefault(e.grad.dtype, finite.to(e.grad.dtype))
+            if e.grad.dtype not in ok_cache:
+                ok_cache[e.grad.dtype] = finite.to(e.grad.dtype)
+            ok = ok_cache[e.grad.dtype]
             if alpha_blocks is None:
                 alpha = state["log_alpha"].exp() * (ok * group["lr"])
             else:
@@ -898,20 +905,23 @@ class MetaOptimize(Optimizer):
             _, active = self._block_indices(tuple(e.block for e in entries))
             keep = active & finite
             if mixing is not None and z_tangent is not None:
-                self._update_meta_trace(z_block, z_tangent, mixing, keep, finite)
+                self._update_meta_trace(z_block, z_tangent, mixing, gammas[0], keep, finite)
             self._meta_step(self._log_alpha, z_block, self._meta_state, keep)
         else:
-            for e, z in zip(entries, z_weight, strict=True):
-                meta_state = _weight_meta_state(e.state)
-                self._meta_step(e.state["log_alpha"], z, meta_state, finite.to(z.device))
+            self._weight_meta_steps(entries, z_weight, finite)
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
     def _update_meta_trace(
-        self, z: Tensor, z_tangent: Tensor, mixing: Tensor, keep: Tensor, finite: Tensor
+        self,
+        z: Tensor,
+        z_tangent: Tensor,
+        mixing: Tensor,
+        gamma: float,
+        keep: Tensor,
+        finite: Tensor,
     ) -> None:
         """Y_{t+1} = G^{yy} B + G^{yx} γX, column by column (2×2 approximation)."""
-        gamma = float(self.param_groups[0]["gamma"])
         trace = self._meta_trace
         keys = [k for k in trace if k != "log_alpha"]
         new_beta: list[Tensor] = []

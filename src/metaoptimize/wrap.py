@@ -167,7 +167,9 @@ class MetaOptimizeWrapper(Optimizer):
                     continue
                 state = self.state[p]
                 first_step = "momentum_buffer" not in state and "step" not in state
-                trace = self._traces.setdefault(p, torch.zeros_like(p))
+                if p not in self._traces:
+                    self._traces[p] = torch.zeros_like(p)
+                trace = self._traces[p]
                 entries.append(
                     (group, p, p.grad.clone(), p.detach().clone(), trace, block, first_step)
                 )
