@@ -20,7 +20,7 @@ BASES: list[tuple[str, dict[str, Any]]] = [
     ("adamw", {}),
     ("lion", {"betas": (0.9, 0.99)}),
 ]
-METAS = ["fixed", "sgd", "rmsprop", "adam", "lion"]
+METAS = ["fixed", "sgd", "rmsprop", "adam", "lion", "auto"]
 BLOCKS = ["scalar", "group", "tensor", "weight", "explicit"]
 GAMMAS = [0.0, 0.9, 1.0]
 WEIGHT_DECAYS = [0.0, 0.1]

@@ -238,3 +238,13 @@ def test_runner_passes_a_closure_to_hessian_traces() -> None:
     assert not record["diverged"]
     (sizes,) = record["step_sizes"].values()
     assert sizes[-1] != sizes[0]  # the meta-gradient reached the step size
+
+
+def test_blew_up_flags_a_rise_above_the_start_or_lost_progress() -> None:
+    from metaoptimize.bench.runner import blew_up_curve
+
+    assert not blew_up_curve([2.3, 1.0, 0.5, 0.1, 0.05])
+    assert not blew_up_curve([2.3, 1.0, 0.5, 0.6, 0.55])  # noise, most progress kept
+    assert blew_up_curve([2.3, 0.1, 1805.0, 2.3, 2.3])  # the spike of issue 19
+    assert blew_up_curve([2.3, 0.01, 0.01, 0.01, 1.5])  # ends far above its best
+    assert not blew_up_curve([2.3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,7 +121,7 @@ ERROR_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"alpha0": float("nan")}, ValueError, r"Invalid alpha0"),
     ({"alpha0": "big"}, TypeError, r"Invalid alpha0: 'big'"),
     ({"meta_lr": -1.0}, ValueError, r"Invalid meta_lr: -1\.0"),
-    ({"meta_lr": None}, TypeError, r"Invalid meta_lr: None"),
+    ({"meta_lr": "fast"}, TypeError, r"Invalid meta_lr: 'fast'"),
     ({"gamma": 1.5}, ValueError, r"Invalid gamma: 1\.5"),
     ({"gamma": -0.1}, ValueError, r"Invalid gamma"),
     ({"base": "adagrad"}, ValueError, r"Invalid base: 'adagrad'"),
@@ -147,7 +148,9 @@ ERROR_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"meta": "adam", "meta_betas": (0.9,)}, ValueError, r"Invalid meta_betas"),
     ({"meta": "sgd", "meta_betas": (0.9,)}, ValueError, r"Invalid meta_betas.*takes no betas"),
     ({"meta_eps": -1.0}, ValueError, r"Invalid meta_eps"),
-    ({"alpha_min": 0.0}, ValueError, r"Invalid alpha_min"),
+    ({"alpha_min": -1.0}, ValueError, r"Invalid alpha_min"),
+    ({"alpha_max": 0.0}, ValueError, r"Invalid alpha_max"),
+    ({"alpha0": 2.0}, ValueError, r"Invalid alpha0: 2\.0; outside"),
     ({"alpha_min": 1e-2, "alpha_max": 1e-3}, ValueError, r"Invalid alpha_min/alpha_max"),
     ({"alpha0": 1.0, "alpha_max": 0.1}, ValueError, r"Invalid alpha0: 1\.0; outside"),
 ]
@@ -411,6 +414,19 @@ def test_paper_presets_carry_the_paper_settings() -> None:
         "meta": "lion",
         "meta_betas": (0.9, 0.99),
         "meta_lr": 1e-3,
+        "alpha_min": 0.0,
+        "alpha_max": math.inf,
+        "alpha0": 1e-6,
+        "gamma": 1.0,
+        "blocks": "scalar",
+    }
+    assert presets.get("paper") == {
+        "base": "adamw",
+        "meta": "lion",
+        "meta_betas": (0.9, 0.99),
+        "meta_lr": 1e-3,
+        "alpha_min": 0.0,
+        "alpha_max": math.inf,
         "alpha0": 1e-6,
         "gamma": 1.0,
         "blocks": "scalar",

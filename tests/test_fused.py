@@ -12,7 +12,7 @@ from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 
 # Every base rule and style, with meta rules and block modes rotating.
-_METAS = ["lion", "adam", "fixed", "sgd", "rmsprop"]
+_METAS = ["lion", "adam", "fixed", "sgd", "rmsprop", "auto"]
 _BLOCKS = ["scalar", "weight", "tensor", "group"]
 CASES = [
     {

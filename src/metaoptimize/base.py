@@ -71,6 +71,10 @@ class BaseRule:
     default_betas: ClassVar[tuple[float, ...] | None] = None
     #: Default ``momentum`` (None: the rule takes no momentum).
     default_momentum: ClassVar[float | None] = None
+    #: Default ``(alpha_min, alpha_max)``: the learned step size never leaves this range. A
+    #: normalised direction (Adam, RMSProp, Lion) moves each weight by about α, so α above 1
+    #: or below 1e-10 is never useful; an SGD step's size depends on the gradient's scale.
+    default_alpha_range: ClassVar[tuple[float, float]] = (1e-10, 1.0)
     #: Hyperparameters that must keep their neutral value for this rule.
     unsupported: ClassVar[tuple[str, ...]] = ()
 
@@ -123,6 +127,7 @@ class SGD(BaseRule):
     """Plain SGD, ``u = g + κ w`` (torch.optim.SGD with momentum 0)."""
 
     name = "sgd"
+    default_alpha_range = (1e-12, 1e6)
     decoupled_weight_decay = False
     unsupported = ("momentum", "dampening", "nesterov", "centered")
 
@@ -146,6 +151,7 @@ class SGDMomentum(BaseRule):
     """
 
     name = "sgdm"
+    default_alpha_range = (1e-12, 1e6)
     decoupled_weight_decay = False
     default_momentum = 0.9
 

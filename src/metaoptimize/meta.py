@@ -29,6 +29,8 @@ class MetaRule:
     name: ClassVar[str]
     #: Default ``meta_betas``; None when the rule takes none.
     default_betas: ClassVar[tuple[float, ...] | None] = None
+    #: Default ``meta_lr`` (the paper's 1e-3 for the paper's rules).
+    default_lr: ClassVar[float] = 1e-3
 
     def __init__(self, meta_lr: float, betas: tuple[float, ...] | None, eps: float) -> None:
         self.meta_lr = meta_lr
@@ -132,15 +134,60 @@ class Lion(MetaRule):
         return new_beta, {"exp_avg": exp_avg.lerp(z, 1.0 - rho)}
 
 
+class Auto(MetaRule):
+    r"""The tuning-free default: AdaGrad on β driven by a normalised meta-gradient.
+
+    Per block (docs/math.md §14 derives it):
+
+    .. math::
+        s \leftarrow \max(|z|,\ s + (1-\lambda)(|z| - s)), \quad
+        \hat z = z / s \in [-1, 1], \quad
+        G \leftarrow \rho\,G + \hat z^2, \quad
+        \beta \leftarrow \beta - \eta\,\hat z / \sqrt{G}.
+
+    ``s`` is Autostep's running scale of the meta-gradient (it jumps up at once and decays
+    slowly), so the rule does not depend on the scale of the loss or of the gradients. The
+    AdaGrad sum ``G`` makes the movement follow the meta-gradient's signal: while ``ẑ`` keeps
+    its sign, ``β`` moves by about ``2η√t`` in ``t`` steps (fast, geometric growth of α); when
+    its sign is random the expected drift grows only like ``η√(log t)``. No single step moves
+    ``β`` by more than ``η``, and ``z = 0`` moves nothing.
+
+    ``meta_betas = (λ, ρ)``, default ``(0.999, 1.0)``: the decay of the scale, and the
+    forgetting of the squared sum (1: plain AdaGrad).
+    """
+
+    name = "auto"
+    default_betas = (0.999, 1.0)
+    default_lr = 0.5
+
+    def init_state(self, beta: Tensor) -> MetaState:
+        zeros = torch.zeros_like(beta)
+        return {"scale": zeros, "sum_sq": zeros.clone()}
+
+    def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
+        assert self.betas is not None
+        decay, keep = self.betas
+        size = z.abs()
+        scale = torch.maximum(size, state["scale"].lerp(size, 1.0 - decay))
+        positive = scale > 0
+        z_hat = torch.where(positive, z / torch.where(positive, scale, 1.0), 0.0)
+        sum_sq = state["sum_sq"] * keep + z_hat * z_hat
+        nonzero = sum_sq > 0
+        step = torch.where(nonzero, z_hat / sqrt(torch.where(nonzero, sum_sq, 1.0)), 0.0)
+        return beta - self.meta_lr * step, {"scale": scale, "sum_sq": sum_sq}
+
+
 META_RULES: dict[str, type[MetaRule]] = {
-    rule.name: rule for rule in (Fixed, SGD, RMSprop, Adam, Lion)
+    rule.name: rule for rule in (Fixed, SGD, RMSprop, Adam, Lion, Auto)
 }
 
 
 def get_meta_rule(
-    name: str, meta_lr: float, betas: tuple[float, ...] | None, eps: float
+    name: str, meta_lr: float | None, betas: tuple[float, ...] | None, eps: float
 ) -> MetaRule:
     """Build the meta rule ``name`` with validated hyperparameters.
+
+    ``meta_lr=None`` takes the rule's own default (:attr:`MetaRule.default_lr`).
 
     Raises:
         ValueError: unknown ``name`` or wrong ``meta_betas``.
@@ -148,6 +195,8 @@ def get_meta_rule(
     if name not in META_RULES:
         raise ValueError(f"Invalid meta: {name!r}; choose one of {sorted(META_RULES)}")
     rule_cls = META_RULES[name]
+    if meta_lr is None:
+        meta_lr = rule_cls.default_lr
     expected = rule_cls.default_betas
     if betas is None:
         betas = expected

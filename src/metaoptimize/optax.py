@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax  # type: ignore[import-untyped]
 
+from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BASE_RULES, is_decoupled
 from metaoptimize.meta import META_RULES
@@ -50,6 +51,7 @@ _META_STATE = {
     "rmsprop": ("step", "square_avg"),
     "adam": ("step", "exp_avg", "exp_avg_sq"),
     "lion": ("exp_avg",),
+    "auto": ("scale", "sum_sq"),
 }
 
 
@@ -200,16 +202,25 @@ def _meta_update(
         square_avg = _lerp(st["square_avg"], z * z, 1.0 - smoothing)
         rms = jnp.sqrt(square_avg / (1.0 - smoothing**step))
         return beta - eta * z / (rms + eps), {"step": step, "square_avg": square_avg}
+    if meta == "auto":
+        assert betas is not None
+        decay, keep = betas
+        size = jnp.abs(z)
+        scale = jnp.maximum(size, _lerp(st["scale"], size, 1.0 - decay))
+        z_hat = jnp.where(scale > 0, z / jnp.where(scale > 0, scale, 1.0), 0.0)
+        sum_sq = keep * st["sum_sq"] + z_hat * z_hat
+        step = jnp.where(sum_sq > 0, z_hat / jnp.sqrt(jnp.where(sum_sq > 0, sum_sq, 1.0)), 0.0)
+        return beta - eta * step, {"scale": scale, "sum_sq": sum_sq}
     return beta, st  # fixed
 
 
 def metaoptimize(
     base: str = "adamw",
-    meta: str = "lion",
+    meta: str = DEFAULT_META,
     *,
-    alpha0: float = 1e-6,
-    meta_lr: float = 1e-3,
-    gamma: float = 1.0,
+    alpha0: float = DEFAULT_ALPHA0,
+    meta_lr: float | None = None,
+    gamma: float = DEFAULT_GAMMA,
     blocks: str = "scalar",
     lr: float | Callable[[Array], Array] = 1.0,
     weight_decay: float = 0.0,
@@ -245,7 +256,7 @@ def metaoptimize(
     if base_style not in ("torch", "paper"):
         raise ValueError(f"Invalid base_style: {base_style!r}")
     alpha0 = check_range(alpha0, "alpha0", 0.0, math.inf, low_open=True, high_open=True)
-    meta_lr = check_number(meta_lr, "meta_lr")
+    meta_lr = META_RULES[meta].default_lr if meta_lr is None else check_number(meta_lr, "meta_lr")
     if meta_lr < 0:
         raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
     gamma = check_range(gamma, "gamma", 0.0, 1.0)
@@ -271,8 +282,7 @@ def metaoptimize(
         "centered": centered,
         "momentum": (BASE_RULES[base].default_momentum or 0.0) if momentum is None else momentum,
     }
-    low = math.log(alpha_min) if alpha_min else -math.inf
-    high = math.log(alpha_max) if alpha_max else math.inf
+    low, high = log_bounds(alpha_min, alpha_max, BASE_RULES[base].default_alpha_range)
     per_weight = blocks == "weight"
     meta_active = meta != "fixed" and meta_lr > 0
 

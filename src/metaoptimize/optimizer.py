@@ -22,6 +22,7 @@ from metaoptimize._fused import (
     parameter_step,
     supports_fused,
 )
+from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
 from metaoptimize._triton import triton_available, triton_parameter_step, triton_supports
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
@@ -78,12 +79,17 @@ class MetaOptimize(Optimizer):
             parameters give named blocks in :meth:`step_sizes`).
         base: base rule: ``"sgd"``, ``"sgdm"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
             ``"lion"``.
-        meta: meta rule on ``β = log α``: ``"fixed"``, ``"sgd"``, ``"rmsprop"``, ``"adam"``,
-            ``"lion"``.
-        alpha0: initial step size (per group allowed); with ``meta="fixed"`` this is the
+        meta: meta rule on ``β = log α``: ``"auto"`` (default: the tuning-free rule,
+            normalised AdaGrad on β, docs/math.md §14), ``"fixed"``, ``"sgd"``,
+            ``"rmsprop"``, ``"adam"``, ``"lion"``.
+        alpha0: initial step size (per group allowed; default 1e-3). The ``"auto"`` rule
+            finds its way from anywhere in 1e-6..1e-1; with ``meta="fixed"`` this is the
             learning rate of the base optimizer.
-        meta_lr: meta step size ``η``; 0 freezes the step sizes.
-        gamma: trace discount ``γ`` in [0, 1] (per group allowed). 0 is hypergradient descent.
+        meta_lr: meta step size ``η``; 0 freezes the step sizes. Default: the rule's own
+            (0.5 for ``"auto"``: no meta step moves ``log α`` by more than 0.5; the paper's
+            1e-3 for the others).
+        gamma: trace discount ``γ`` in [0, 1] (per group allowed; default 0.999, a horizon
+            of about 1000 steps). 0 is hypergradient descent, 1 the paper's.
         blocks: step-size granularity: ``"scalar"``, ``"group"``, ``"tensor"``
             (``"layerwise"``), ``"weight"``, or a list / dict of parameter lists.
         lr: multiplier on the learned step size (default 1.0), for lr schedulers.
@@ -101,8 +107,11 @@ class MetaOptimize(Optimizer):
         meta_betas: meta rule betas: adam ``(0.9, 0.999)``, lion ``(c, ρ) = (0.9, 0.99)``,
             rmsprop ``(0.999,)``.
         meta_eps: epsilon of the adam and rmsprop meta rules.
-        alpha_min: optional lower bound on every learned step size.
-        alpha_max: optional upper bound on every learned step size.
+        alpha_min: lower bound on every learned step size. Default: the base rule's
+            (1e-10 for normalised directions: adam, adamw, rmsprop, lion; 1e-12 for sgd and
+            sgdm); 0 removes it.
+        alpha_max: upper bound on every learned step size. Default: the base rule's (1.0
+            for normalised directions, 1e6 for sgd and sgdm); ``math.inf`` removes it.
         partition_group: for ZeRO-style sharding (``ZeroRedundancyOptimizer``), the process
             group across which the parameters are partitioned: block meta-gradients are
             all-reduced over it. FSDP2 (DTensor parameters) needs no argument: the group is
@@ -163,11 +172,11 @@ class MetaOptimize(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
         base: str = "adamw",
-        meta: str = "lion",
+        meta: str = DEFAULT_META,
         *,
-        alpha0: float = 1e-6,
-        meta_lr: float = 1e-3,
-        gamma: float = 1.0,
+        alpha0: float = DEFAULT_ALPHA0,
+        meta_lr: float | None = None,
+        gamma: float = DEFAULT_GAMMA,
         blocks: BlocksSpec = "scalar",
         lr: float = 1.0,
         weight_decay: float = 0.0,
@@ -198,9 +207,10 @@ class MetaOptimize(Optimizer):
         if not isinstance(meta, str):
             raise TypeError(f"Invalid meta: {meta!r}; expected a rule name")
         self._base: BaseRule = get_base_rule(base)
-        meta_lr = check_number(meta_lr, "meta_lr")
-        if meta_lr < 0.0:
-            raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+        if meta_lr is not None:
+            meta_lr = check_number(meta_lr, "meta_lr")
+            if meta_lr < 0.0:
+                raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
         meta_eps = check_number(meta_eps, "meta_eps")
         if meta_eps < 0.0:
             raise ValueError(f"Invalid meta_eps: {meta_eps}; need meta_eps >= 0")
@@ -209,7 +219,7 @@ class MetaOptimize(Optimizer):
             raise TypeError(f"Invalid learn_weight_decay: {learn_weight_decay!r}; expected a bool")
         self._learn_wd = learn_weight_decay
         wd_meta_lr = (
-            meta_lr
+            self._meta.meta_lr
             if weight_decay_meta_lr is None
             else check_number(weight_decay_meta_lr, "weight_decay_meta_lr")
         )
@@ -223,7 +233,7 @@ class MetaOptimize(Optimizer):
             )
         if learn_weight_decay and blocks == "weight":
             raise ValueError("Invalid learn_weight_decay: not supported with blocks='weight'")
-        self._log_bounds = _log_bounds(alpha_min, alpha_max)
+        self._log_bounds = log_bounds(alpha_min, alpha_max, self._base.default_alpha_range)
         self._blocks_spec = blocks
         if partition_group is not None and not isinstance(blocks, str):
             raise ValueError(
@@ -1230,20 +1240,6 @@ def _check_trace_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
             f"Invalid trace_dtype: {value!r}; expected a floating dtype such as torch.bfloat16"
         )
     return dtype
-
-
-def _log_bounds(alpha_min: float | None, alpha_max: float | None) -> tuple[float, float]:
-    low, high = -math.inf, math.inf
-    if alpha_min is not None:
-        low = math.log(check_range(alpha_min, "alpha_min", 0.0, math.inf, low_open=True))
-    if alpha_max is not None:
-        high = math.log(check_range(alpha_max, "alpha_max", 0.0, math.inf, low_open=True))
-    if low >= high:
-        raise ValueError(
-            f"Invalid alpha_min/alpha_max: need alpha_min < alpha_max, got "
-            f"{alpha_min} and {alpha_max}"
-        )
-    return low, high
 
 
 def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:

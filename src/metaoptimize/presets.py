@@ -19,6 +19,7 @@ Notes on fidelity (docs/math.md, "Presets"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,12 +35,21 @@ _RMSPROP = {"base": "rmsprop", "base_style": "paper", "betas": (0.999,), "weight
 _SGDM = {"base": "sgdm", "base_style": "paper", "momentum": 0.9, "weight_decay": 0.1}
 _META_ADAM = {"meta": "adam", "meta_betas": (0.9, 0.999), "meta_lr": 1e-3}
 _META_LION = {"meta": "lion", "meta_betas": (0.9, 0.99), "meta_lr": 1e-3}
+# The paper bounds no step size; the library's default range is removed to keep them verbatim.
+_UNBOUNDED = {"alpha_min": 0.0, "alpha_max": math.inf}
 
 
 def _paper(
     base: dict[str, Any], meta: dict[str, Any], alpha0: float, gamma: float = 1.0
 ) -> dict[str, dict[str, Any]]:
-    scalar = {**base, **meta, "alpha0": alpha0, "gamma": gamma, "blocks": "scalar"}
+    scalar = {
+        **base,
+        **meta,
+        **_UNBOUNDED,
+        "alpha0": alpha0,
+        "gamma": gamma,
+        "blocks": "scalar",
+    }
     return {"scalar": scalar, "blockwise": {**scalar, "blocks": "tensor"}}
 
 
@@ -65,6 +75,9 @@ def _build() -> dict[str, dict[str, Any]]:
     for name, variants in paper_rows.items():
         table[name] = variants["scalar"]
         table[name + "-blockwise"] = variants["blockwise"]
+    # The paper's general defaults (and this library's before 0.2): AdamW base, Lion meta,
+    # alpha0 1e-6, meta_lr 1e-3, gamma 1, no bounds. Meant for runs of 10^4-10^5 steps.
+    table["paper"] = _paper({"base": "adamw"}, _META_LION, 1e-6)["scalar"]
     # IDBD-style (Sutton 1992): per-weight step sizes, SGD base, SGD meta, undiscounted trace.
     table["idbd"] = {
         "base": "sgd",

@@ -260,6 +260,13 @@ class ReferenceMetaOptimize:
             new_v = b2 * s["v"] + (1 - b2) * z**2
             m_hat, v_hat = new_m / (1 - b1**new_t), new_v / (1 - b2**new_t)
             new_beta = beta - eta * m_hat / (torch.sqrt(v_hat) + self.meta_eps)
+        elif self.meta == "auto":
+            # m: running scale of |z| (jumps up, decays slowly); v: sum of squared z / scale.
+            lam, rho = self.meta_betas
+            new_m = torch.maximum(z.abs(), lam * s["m"] + (1 - lam) * z.abs())
+            z_hat = torch.where(new_m > 0, z / new_m, torch.zeros_like(z))
+            new_v = rho * s["v"] + z_hat**2
+            new_beta = beta - eta * torch.where(new_v > 0, z_hat / new_v.sqrt(), 0 * z_hat)
         elif self.meta == "rmsprop":
             (lam,) = self.meta_betas
             new_v = lam * s["v"] + (1 - lam) * z**2

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaoptimize._options import DEFAULT_GAMMA, DEFAULT_META
 from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
@@ -88,10 +89,10 @@ class MetaOptimizeWrapper(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        meta: str = "lion",
+        meta: str = DEFAULT_META,
         *,
-        meta_lr: float = 1e-3,
-        gamma: float = 1.0,
+        meta_lr: float | None = None,
+        gamma: float = DEFAULT_GAMMA,
         blocks: BlocksSpec = "scalar",
         meta_betas: tuple[float, ...] | None = None,
         meta_eps: float = 1e-8,
@@ -104,7 +105,7 @@ class MetaOptimizeWrapper(Optimizer):
             )
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {gamma}; need a value in [0, 1]")
-        if meta_lr < 0:
+        if meta_lr is not None and meta_lr < 0:
             raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
         self.inner = optimizer
         self.param_groups = optimizer.param_groups
@@ -257,7 +258,7 @@ class MetaOptimizeWrapper(Optimizer):
                 value.copy_(saved_state[key])
 
 
-def wrap(optimizer: Optimizer, meta: str = "lion", **kwargs: Any) -> MetaOptimizeWrapper:
+def wrap(optimizer: Optimizer, meta: str = DEFAULT_META, **kwargs: Any) -> MetaOptimizeWrapper:
     """MetaOptimize around an existing optimizer; its lr becomes alpha0.
 
     Keyword arguments are those of :class:`MetaOptimizeWrapper` (``meta_lr``, ``gamma``,

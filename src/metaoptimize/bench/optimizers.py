@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from metaoptimize import presets
+from metaoptimize._options import DEFAULT_ALPHA0
 from metaoptimize.optimizer import MetaOptimize
 
 __all__ = ["OPTIMIZERS", "MissingDependency", "OptimizerSpec", "get_optimizer"]
@@ -148,6 +149,17 @@ def _registry() -> dict[str, OptimizerSpec]:
                     _metaoptimize({**settings, "blocks": blocks}),
                 )
             )
+    add(
+        OptimizerSpec(
+            "metaoptimize",
+            "metaoptimize",
+            "MetaOptimize with its defaults (adamw base, auto meta, gamma 0.999) and weight "
+            "decay 0.01: MetaOptimize(params, alpha0=..., weight_decay=0.01)",
+            "alpha0",
+            DEFAULT_ALPHA0,
+            _metaoptimize({"weight_decay": 0.01}),
+        )
+    )
     add(
         OptimizerSpec(
             "mo-adamw-lion-learnwd",

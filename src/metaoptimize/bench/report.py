@@ -43,6 +43,7 @@ class Row:
     diverged: int
     time_per_step_ms: float
     optimizer_state_mb: float
+    blew_up: int = 0
 
     def sort_key(self) -> float:
         """Smaller is better; diverged runs sort last."""
@@ -85,6 +86,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[Row]:
                 diverged,
                 statistics.fmean(r["time_per_step_ms"] for r in members),
                 statistics.fmean(r["optimizer_state_mb"] for r in members),
+                sum(bool(r.get("blew_up", False)) for r in members),
             )
         )
     return rows
@@ -128,6 +130,8 @@ def _format_metric(entry: dict[str, Any]) -> str:
     text = f"{entry['mean']:{digits}}"
     if entry["seeds"] > 1:
         text += f" ± {entry['std']:{digits}}"
+    if entry.get("blew_up"):
+        text += f" (blew up {entry['blew_up']}/{entry['seeds']})"
     return text
 
 

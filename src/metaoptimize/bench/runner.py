@@ -31,7 +31,7 @@ from metaoptimize.bench.optimizers import MissingDependency, get_optimizer
 from metaoptimize.bench.tasks import get_task
 from metaoptimize.optimizer import MetaOptimize
 
-__all__ = ["RunConfig", "RunOutcome", "execute", "run_one"]
+__all__ = ["RunConfig", "RunOutcome", "blew_up_curve", "execute", "run_one"]
 
 _OPTIONAL_PACKAGES = (
     "prodigyopt",
@@ -220,6 +220,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     window = config.log_every
     chunks = losses[:completed].split(window)  # type: ignore[no-untyped-call]
     curve = [float(chunk.mean()) for chunk in chunks]
+    blew_up = not diverged and task.stationary and blew_up_curve(curve)
     return {
         "config": asdict(config),
         "run_id": config.run_id(),
@@ -230,6 +231,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         "metric": metric,
         "metrics": metrics,
         "diverged": diverged,
+        "blew_up": blew_up,
         "steps_completed": completed,
         "curve_every": window,
         "curve": curve,
@@ -241,6 +243,19 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         "seed": config.seed,
         "versions": versions(),
     }
+
+
+def blew_up_curve(curve: list[float]) -> bool:
+    """Whether a finite training-loss curve blew up (diverged runs are flagged separately).
+
+    A curve blows up when, after its first 10%, it rises above its first point, or when it
+    ends having lost more than half of its progress (final - best > (first - best) / 2).
+    """
+    if len(curve) < 2:
+        return False
+    first, best, final = curve[0], min(curve), curve[-1]
+    settled = curve[max(1, len(curve) // 10) :]
+    return max(settled) > first or final - best > 0.5 * (first - best)
 
 
 def _identity(loss: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class Task:
     lr_grid: ClassVar[tuple[float, ...]] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     sgd_lr_grid: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     needs_data_dir: ClassVar[bool] = False
+    #: False where the training loss rises by design (drifting targets, task switches): the
+    #: runner's "blew up" check (loss above its start, or most progress lost) does not apply.
+    stationary: ClassVar[bool] = True
 
     def __init__(self, seed: int, steps: int, data_dir: str | None = None) -> None:
         self.seed = seed
@@ -135,6 +138,7 @@ class Tracking(Task):
     """
 
     name = "tracking"
+    stationary = False
     description = "Sutton 1992 IDBD tracking: 20 inputs, 5 relevant (+-1), a sign flip every 20"
     metric = "asymptotic_mse"
     higher_is_better = False
@@ -364,6 +368,7 @@ class ContinualDigits(Task):
     """
 
     name = "continual-digits"
+    stationary = False
     description = "5 two-class digit tasks x 2 rounds, unsignalled switches, batch 1, online acc"
     metric = "online_accuracy"
     higher_is_better = True

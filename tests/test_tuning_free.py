@@ -1,0 +1,160 @@
+"""The tuning-free defaults: the "auto" meta rule, its guarantees, and the pinned defaults."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metaoptimize import MetaOptimize, presets, wrap
+from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA
+from metaoptimize.meta import get_meta_rule
+
+
+def test_the_defaults_are_pinned() -> None:
+    """A change of default is a change of the product: CHANGELOG and docs/results.md first."""
+    assert (DEFAULT_ALPHA0, DEFAULT_GAMMA) == (1e-3, 0.999)
+    opt = MetaOptimize(nn.Linear(3, 2).parameters())
+    group = opt.param_groups[0]
+    assert (group["alpha0"], group["gamma"], group["lr"], group["weight_decay"]) == (
+        1e-3,
+        0.999,
+        1.0,
+        0.0,
+    )
+    assert opt._base.name == "adamw"
+    assert (opt._meta.name, opt._meta.meta_lr, opt._meta.betas) == ("auto", 0.5, (0.999, 1.0))
+    assert opt.layout.mode == "scalar"
+    assert opt._log_bounds == (math.log(1e-10), math.log(1.0))
+    sgd = MetaOptimize(nn.Linear(3, 2).parameters(), base="sgd")
+    assert sgd._log_bounds == (math.log(1e-12), math.log(1e6))
+    unbounded = MetaOptimize(nn.Linear(3, 2).parameters(), alpha_min=0.0, alpha_max=math.inf)
+    assert unbounded._log_bounds == (-math.inf, math.inf)
+    wrapped = wrap(torch.optim.AdamW(nn.Linear(3, 2).parameters()))
+    assert (wrapped._meta.name, wrapped._meta.meta_lr, wrapped.gamma) == ("auto", 0.5, 0.999)
+    # The paper's rules keep the paper's meta step size when asked for by name.
+    assert MetaOptimize(nn.Linear(3, 2).parameters(), meta="lion")._meta.meta_lr == 1e-3
+
+
+def test_optax_port_has_the_same_defaults() -> None:
+    pytest.importorskip("optax")
+    from metaoptimize.optax import metaoptimize
+
+    ours = inspect.signature(MetaOptimize).parameters
+    theirs = inspect.signature(metaoptimize).parameters
+    for name in ("base", "meta", "alpha0", "meta_lr", "gamma", "alpha_min", "alpha_max"):
+        assert theirs[name].default == ours[name].default, name
+
+
+def _run_rule(z_values: list[float], meta_lr: float = 0.5) -> list[float]:
+    rule = get_meta_rule("auto", meta_lr, None, 1e-8)
+    beta = torch.zeros((), dtype=torch.float64)
+    state = rule.init_state(beta)
+    betas = []
+    for z in z_values:
+        beta, state = rule.update(beta, torch.tensor(z, dtype=torch.float64), state)
+        betas.append(float(beta))
+    return betas
+
+
+def test_auto_rule_equals_its_formula_in_plain_python() -> None:
+    """An oracle written with floats, independent of the tensor code (docs/math.md §14)."""
+    zs = [3.0, -0.5, 0.0, 2.0, 7.0, -1e-3, 0.25]
+    scale, total, beta, expected = 0.0, 0.0, 0.0, []
+    for z in zs:
+        scale = max(abs(z), scale + (1 - 0.999) * (abs(z) - scale))
+        z_hat = z / scale if scale > 0 else 0.0
+        total += z_hat * z_hat
+        beta -= 0.5 * z_hat / math.sqrt(total) if total > 0 else 0.0
+        expected.append(beta)
+    assert _run_rule(zs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_auto_rule_climbs_fast_under_a_consistent_signal() -> None:
+    betas = _run_rule([-1e-9] * 100)
+    # Each step moves η/√t: the sum is at least 2η(√(t+1) − 1).
+    assert betas[0] == pytest.approx(0.5)
+    assert betas[-1] >= 2 * 0.5 * (math.sqrt(101) - 1)
+    assert betas[-1] > math.log(1e-2 / 1e-6)  # 1e-6 -> 1e-2 within 100 steps
+
+
+def test_auto_rule_never_moves_more_than_meta_lr_and_not_without_signal() -> None:
+    generator = torch.Generator().manual_seed(0)
+    zs = (torch.randn(500, generator=generator, dtype=torch.float64) * 10.0**6).tolist()
+    betas = [0.0, *_run_rule(zs, meta_lr=0.3)]
+    assert max(abs(b - a) for a, b in itertools.pairwise(betas)) <= 0.3 + 1e-12
+    assert _run_rule([0.0] * 50) == [0.0] * 50
+    # Scale-free: the same sequence times 1e-12 gives the same step sizes.
+    assert _run_rule([z * 1e-12 for z in zs], meta_lr=0.3) == pytest.approx(betas[1:], rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pure_noise_meta_gradient_leaves_the_step_size_in_a_band(seed: int) -> None:
+    """Loss <w, ξ_t> with fresh noise ξ_t: the gradient carries no information about α.
+
+    Over 4,000 steps the default step size stays within a factor e^3 (about 20) of where it
+    started, and moves by less than e^1 over the last 2,000 steps (the AdaGrad sum slows it
+    like 1/√t). The Lion meta rule at the old README's meta_lr=1e-2 left a factor e^4.6 within
+    5,000 steps on seed 0 (docs/results.md).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.zeros(50))
+    opt = MetaOptimize([w])
+    log_alpha = []
+    for _ in range(4000):
+        noise = torch.randn(50, generator=generator)
+        opt.zero_grad()
+        (w @ noise).backward()
+        opt.step()
+        log_alpha.append(math.log(float(opt.step_sizes()["all"]) / 1e-3))
+    assert max(abs(b) for b in log_alpha) < 3.0
+    late = log_alpha[2000:]
+    assert max(late) - min(late) < 1.0
+
+
+def _train_into_interpolation(opt_factory: str, steps: int = 3000) -> tuple[float, float, float]:
+    """A small MLP on 256 digits, batch 32, far past interpolation (375 epochs)."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    inputs, labels = sklearn.load_digits(return_X_y=True)
+    x = torch.tensor(inputs[:256], dtype=torch.float32) / 16.0
+    y = torch.tensor(labels[:256])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    if opt_factory == "default":
+        opt = MetaOptimize(model.parameters(), alpha0=0.1)
+    else:  # the first release's README settings (Lion meta, 1e-2 per step), undiscounted
+        opt = presets.make(model.parameters(), "paper", alpha0=0.1, meta_lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    first, worst, largest_alpha = math.nan, 0.0, 0.0
+    for step in range(steps):
+        index = torch.randint(0, 256, (32,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 0:
+            first = loss.item()
+        elif step >= steps // 10:
+            worst = max(worst, loss.item())
+        largest_alpha = max(largest_alpha, float(opt.step_sizes()["all"]))
+    return first, worst, largest_alpha
+
+
+@pytest.mark.slow
+def test_no_runaway_once_the_training_loss_nears_zero() -> None:
+    first, worst, largest_alpha = _train_into_interpolation("default")
+    assert worst < first  # the loss never comes back above where it started
+    assert worst < 0.05
+    assert largest_alpha <= 1.0  # the default bound, never reached in practice here
+
+
+@pytest.mark.slow
+def test_the_interpolation_check_fails_for_the_old_settings() -> None:
+    """The same run with the first release's settings blows up, so the check above can fail."""
+    first, worst, largest_alpha = _train_into_interpolation("paper")
+    assert worst > first
+    assert largest_alpha > 1.0
