@@ -183,8 +183,38 @@ def test_compare_suite_shape() -> None:
     assert {c.task for c in full} == set(DEFAULT_TASKS)
     assert len({c.run_id() for c in full}) == len(full)
     assert len(quick) < len(full) / 2
-    sensitivity = sorted({c.value for c in full if c.optimizer == "mo-adamw-lion"})
-    assert sensitivity == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    sensitivity = sorted({c.value for c in full if c.optimizer == "metaoptimize"})
+    assert sensitivity == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    quick_sensitivity = sorted({c.value for c in quick if c.optimizer == "metaoptimize"})
+    assert quick_sensitivity == [1e-6, 1e-3, 1e-1]  # the default alpha0 stays in the grid
+    horizons = compare_configs(("charlm",), seeds=1, horizons=(1, 5))
+    assert sorted({c.resolved().steps for c in horizons}) == [400, 2000]
+
+
+def test_overall_table_ratios_to_the_tuned_baselines() -> None:
+    from metaoptimize.bench.report import aggregate, overall
+
+    records = []
+    for optimizer, value, error, family in (
+        ("adamw", 1e-3, 0.10, "fixed"),
+        ("adamw", 1e-2, 0.05, "fixed"),
+        ("adamw-cosine", 1e-2, 0.04, "schedule"),
+        ("prodigy", 1.0, 0.06, "lr-free"),
+        ("metaoptimize", 1e-3, 0.055, "metaoptimize"),
+        ("metaoptimize", 1e-1, 0.10, "metaoptimize"),
+    ):
+        record = _record(optimizer, value, 0, 1.0 - error, family=family)
+        record["config"]["task"] = "digits-mlp"
+        record["curve"] = [2.3]
+        records.append(record)
+    table = {line["optimizer"]: line for line in overall(aggregate(records))}
+    assert table["adamw"]["worst vs adamw"] == pytest.approx(1.0)
+    assert table["adamw-cosine"]["worst vs adamw"] == pytest.approx(0.8)
+    assert table["prodigy"]["median vs adamw-cosine"] == pytest.approx(1.5)
+    assert table["metaoptimize"]["worst vs adamw"] == pytest.approx(1.1)  # default alpha0
+    assert table["metaoptimize"]["within 1.1x of adamw"] == 1
+    assert table["metaoptimize, worst alpha0"]["worst vs adamw"] == pytest.approx(2.0)
+    assert table["prodigy"]["mean rank"] == 4.0
 
 
 def _record(

@@ -69,6 +69,16 @@ def _seeds(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _horizons(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--horizons: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"--horizons: every multiple must be at least 1, got {text!r}")
+    return values
+
+
 def _check_task(name: str, data_dir: str | None) -> None:
     from metaoptimize.bench.data import DataError
     from metaoptimize.bench.tasks import TASKS
@@ -149,6 +159,7 @@ def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
     from metaoptimize.bench.report import (
         aggregate,
         load_records,
+        overall_table,
         summarize,
         text_table,
         write_report,
@@ -163,7 +174,10 @@ def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
         except RuntimeError as error:  # matplotlib missing
             notes = [*notes, str(error)]
     report = write_report(out, command, notes, plot_paths)
-    print(text_table(summarize(aggregate(load_records(out)))))
+    rows = aggregate(load_records(out))
+    print(text_table(summarize(rows)))
+    print("\noverall (ratio of badness to the tuned baselines; docs/results.md explains):")
+    print("\n".join(overall_table(rows)))
     for note in notes:
         print(f"note: {note}")
     print(f"\nreport: {report}\nresults: {out / 'results.json'}, {out / 'results.csv'}")
@@ -184,7 +198,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
     out = _out_dir(args.out, time.strftime("%Y%m%d-%H%M%S"))
-    configs = compare_configs(tasks, seeds, args.quick, args.data_dir)
+    horizons = _horizons(args.horizons)
+    configs = compare_configs(tasks, seeds, args.quick, args.data_dir, horizons)
     print(
         f"running {len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
         file=sys.stderr,
@@ -370,6 +385,11 @@ def _build_parser() -> _Parser:
     compare.add_argument("--tasks", help="comma-separated task names (default: the suite)")
     compare.add_argument(
         "--seeds", type=int, help="seeds per configuration (default 2; 1 with --quick)"
+    )
+    compare.add_argument(
+        "--horizons",
+        default="1",
+        help="comma-separated multiples of each task's length, e.g. 1,5 (default 1)",
     )
     common(compare)
     compare.set_defaults(handler=cmd_compare)

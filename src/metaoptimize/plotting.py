@@ -11,6 +11,7 @@ Three figures per task:
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def _seed0(records: list[dict[str, Any]], optimizer: str, value: float) -> dict[
 
 def save_plots(run_dir: Path) -> dict[str, list[Path]]:
     """Write every task's figures under ``run_dir/plots``; return their paths by task."""
-    from metaoptimize.bench.report import aggregate, load_records, summarize
+    from metaoptimize.bench.report import aggregate, load_records, summarize, task_label
     from metaoptimize.bench.tasks import TASKS
 
     plt = _pyplot()
@@ -50,8 +51,9 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = defaultdict(list)
     for task, entries in summary.items():
-        task_records = [r for r in records if r["config"]["task"] == task]
-        task_cls = TASKS.get(task)
+        task_records = [r for r in records if task_label(r["config"]) == task]
+        task_cls = TASKS.get(task.split(" ")[0])
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-")
         log_metric = bool(task_cls and task_cls.log_scale)
         metric = entries[0]["metric_name"]
 
@@ -80,7 +82,7 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
         axis.set_ylabel(metric)
         axis.set_title(f"{task}: sensitivity to the step size")
         axis.legend(fontsize=7)
-        written[task].append(_save(plt, figure, out / f"{task}-sensitivity.png"))
+        written[task].append(_save(plt, figure, out / f"{slug}-sensitivity.png"))
 
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
         for entry in entries:
@@ -89,13 +91,14 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
                 continue
             steps = [(i + 1) * record["curve_every"] for i in range(len(record["curve"]))]
             style = "-" if entry["family"] == "metaoptimize" else "--"
-            axis.plot(steps, record["curve"], style, linewidth=1.2, label=entry["optimizer"])
+            label = entry["optimizer"] + (" (blew up)" if record.get("blew_up") else "")
+            axis.plot(steps, record["curve"], style, linewidth=1.2, label=label)
         axis.set_yscale("log")
         axis.set_xlabel("step")
         axis.set_ylabel("training loss (window mean, seed 0)")
         axis.set_title(f"{task}: training loss at each optimizer's summary setting")
         axis.legend(fontsize=6, ncol=2)
-        written[task].append(_save(plt, figure, out / f"{task}-curves.png"))
+        written[task].append(_save(plt, figure, out / f"{slug}-curves.png"))
 
         step_size_records = [
             r for r in task_records if r["step_sizes"] and r["config"]["seed"] == 0
@@ -126,7 +129,7 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
                 if 0 < len(axis.lines) <= _MAX_LEGEND:
                     axis.legend(fontsize=6)
             left.set_title(f"{task}: scalar step sizes from different alpha0", fontsize=9)
-            written[task].append(_save(plt, figure, out / f"{task}-step-sizes.png"))
+            written[task].append(_save(plt, figure, out / f"{slug}-step-sizes.png"))
     return dict(written)
 
 
@@ -145,6 +148,7 @@ def existing_plots(run_dir: Path, tasks: list[str]) -> dict[str, list[Path]]:
     """The figures already under ``run_dir/plots`` for ``tasks``."""
     found: dict[str, list[Path]] = {}
     for task in tasks:
-        paths = [run_dir / "plots" / f"{task}-{kind}.png" for kind in _KINDS]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-")
+        paths = [run_dir / "plots" / f"{slug}-{kind}.png" for kind in _KINDS]
         found[task] = [p for p in paths if p.is_file()]
     return found

@@ -44,6 +44,8 @@ class Row:
     time_per_step_ms: float
     optimizer_state_mb: float
     blew_up: int = 0
+    #: Mean over seeds of the first point of the training-loss curve.
+    start: float = math.nan
 
     def sort_key(self) -> float:
         """Smaller is better; diverged runs sort last."""
@@ -57,12 +59,24 @@ def load_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("**/result.json"))]
 
 
+def task_label(config: dict[str, Any]) -> str:
+    """The task's name, with the run length when it is not the task's default (horizon view)."""
+    task_cls = TASKS.get(config["task"])
+    if task_cls is None:
+        return str(config["task"])
+    default = task_cls.quick_steps if config.get("quick") else task_cls.full_steps
+    steps = config.get("steps") or default
+    if steps == default:
+        return str(config["task"])
+    return f"{config['task']} ({steps // default}x: {steps} steps)"
+
+
 def aggregate(records: list[dict[str, Any]]) -> list[Row]:
     """Group records by (task, optimizer, value) and average over seeds."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         config = record["config"]
-        groups[(config["task"], config["optimizer"], config["value"])].append(record)
+        groups[(task_label(config), config["optimizer"], config["value"])].append(record)
     rows = []
     for (task, optimizer, value), members in sorted(groups.items()):
         metrics = [r["metric"] for r in members]
@@ -87,6 +101,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[Row]:
                 statistics.fmean(r["time_per_step_ms"] for r in members),
                 statistics.fmean(r["optimizer_state_mb"] for r in members),
                 sum(bool(r.get("blew_up", False)) for r in members),
+                statistics.fmean(r["curve"][0] if r.get("curve") else math.nan for r in members),
             )
         )
     return rows
@@ -120,6 +135,87 @@ def summarize(rows: list[Row]) -> dict[str, list[dict[str, Any]]]:
         entries.sort(key=lambda e: Row(**{k: e[k] for k in Row.__dataclass_fields__}).sort_key())
         summary[task] = entries
     return summary
+
+
+def _badness(task: str, mean: float, higher_is_better: bool, start: float) -> float:
+    """Smaller is better; on log-scale tasks (quadratic) 1 / digits gained from the start.
+
+    Digits gained: log10 of the first point of the loss curve over the final metric.
+    """
+    if math.isnan(mean):
+        return math.inf
+    task_cls = TASKS.get(task.split(" ")[0])
+    if task_cls is not None and task_cls.log_scale:
+        digits = math.log10(max(start, 1e-300) / max(mean, 1e-300))
+        return 1.0 / digits if digits > 0 else math.inf
+    return 1.0 - mean if higher_is_better else mean
+
+
+def overall(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per method, over tasks: ratios of badness to tuned fixed AdamW and to tuned cosine.
+
+    Badness is the error rate (1 - accuracy), the loss or the MSE; on log-scale tasks it is
+    1 / (digits of accuracy), so the ratio there compares digits. The swept MetaOptimize entry
+    appears twice: at its default ``alpha0`` and at its worst ``alpha0`` of the grid.
+    """
+    summary = summarize(rows)
+    per_method: dict[str, dict[str, float]] = defaultdict(dict)
+    ranks: dict[str, list[int]] = defaultdict(list)
+    references: dict[str, dict[str, float]] = {}
+    for task, entries in summary.items():
+        by_name = {e["optimizer"]: e for e in entries}
+        reference = {
+            name: _badness(task, e["mean"], e["higher_is_better"], e["start"])
+            for name, e in by_name.items()
+            if name in ("adamw", "adamw-cosine")
+        }
+        references[task] = reference
+        for rank, entry in enumerate(entries, start=1):
+            name = entry["optimizer"]
+            per_method[name][task] = _badness(
+                task, entry["mean"], entry["higher_is_better"], entry["start"]
+            )
+            ranks[name].append(rank)
+        swept = [r for r in rows if r.task == task and r.optimizer == "metaoptimize"]
+        if len(swept) > 1:
+            worst = max(_badness(task, r.mean, r.higher_is_better, r.start) for r in swept)
+            per_method["metaoptimize, worst alpha0"][task] = worst
+    table = []
+    for name, badness in per_method.items():
+        line: dict[str, Any] = {"optimizer": name, "tasks": len(badness)}
+        for ref in ("adamw", "adamw-cosine"):
+            ratios = [
+                value / references[task][ref] if references[task].get(ref) else math.nan
+                for task, value in badness.items()
+            ]
+            ratios = [r for r in ratios if not math.isnan(r)]
+            line[f"worst vs {ref}"] = max(ratios) if ratios else math.nan
+            line[f"median vs {ref}"] = statistics.median(ratios) if ratios else math.nan
+            line[f"within 1.1x of {ref}"] = sum(r <= 1.1 for r in ratios)
+        line["mean rank"] = statistics.fmean(ranks[name]) if ranks.get(name) else math.nan
+        table.append(line)
+    table.sort(key=lambda line: line["median vs adamw"])
+    return table
+
+
+def overall_table(rows: list[Row]) -> list[str]:
+    """The overall summary as markdown lines."""
+    lines = [
+        (
+            "| optimizer | tasks | worst / median vs tuned AdamW | within 1.1x | "
+            "worst / median vs tuned cosine | within 1.1x | mean rank |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for line in overall(rows):
+        rank = "-" if math.isnan(line["mean rank"]) else f"{line['mean rank']:.1f}"
+        lines.append(
+            f"| {line['optimizer']} | {line['tasks']} | {line['worst vs adamw']:.2f} / "
+            f"{line['median vs adamw']:.2f} | {line['within 1.1x of adamw']} | "
+            f"{line['worst vs adamw-cosine']:.2f} / {line['median vs adamw-cosine']:.2f} | "
+            f"{line['within 1.1x of adamw-cosine']} | {rank} |"
+        )
+    return lines
 
 
 def _format_metric(entry: dict[str, Any]) -> str:
@@ -218,8 +314,20 @@ def write_report(
         ),
         "",
     ]
+    lines += [
+        "## Overall",
+        "",
+        (
+            "Ratio of each method's badness (error rate, loss or MSE; 1/digits gained on `quadratic`) to "
+            "that of the tuned fixed-lr AdamW and the tuned warm-up + cosine AdamW, over tasks "
+            "(1.0 = as good; diverged = inf). Mean rank among the methods of each task's table."
+        ),
+        "",
+        *overall_table(rows),
+        "",
+    ]
     for task, entries in summary.items():
-        task_cls = TASKS.get(task)
+        task_cls = TASKS.get(task.split(" ")[0])
         description = task_cls.description if task_cls else ""
         better = "higher" if entries[0]["higher_is_better"] else "lower"
         lines += [
