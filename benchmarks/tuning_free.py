@@ -1,10 +1,12 @@
 """Robustness and horizon view: the default MetaOptimize from many alpha0 vs tuned AdamW.
 
-For every task and length multiplier, runs AdamW over the task's lr grid and MetaOptimize
-(the harness entry ``metaoptimize``: the library's defaults with weight decay 0.01) from each
-alpha0, and prints one markdown table per length: the ratio of MetaOptimize's badness to the
-best fixed-lr AdamW's (error rate, loss or MSE; 1.0 = as good as tuned AdamW; for
-``quadratic`` the digits of accuracy lost, -log10 of the suboptimality). Runs are cached under
+For every task and length multiplier, runs AdamW (fixed, and with 5% warm-up + cosine decay)
+over the task's lr grid and MetaOptimize (the harness entry ``metaoptimize``: the library's
+defaults with weight decay 0.01) from each alpha0, and prints one markdown table per length:
+the ratio of MetaOptimize's badness to the best fixed-lr AdamW's and to the best cosine's
+(error rate, loss or MSE; 1.0 = as good; for ``quadratic`` the digits of accuracy lost,
+-log10 of the suboptimality). "(blew up)" marks runs whose training loss rose above its start
+after the first 10% of steps or lost most of its progress. Runs are cached under
 ``--out`` as in ``metaoptimize compare``, so a rerun only adds what is missing.
 
     python benchmarks/tuning_free.py --lengths 1,5 --seeds 0,1 --jobs 2
@@ -19,7 +21,9 @@ from pathlib import Path
 
 from metaoptimize.bench.runner import RunConfig, execute
 from metaoptimize.bench.tasks import get_task
+from metaoptimize.cli import parse_set
 
+BASELINES = ("adamw", "adamw-cosine")
 TASKS = "quadratic,tracking,digits-mlp,digits-cnn,charlm,continual-digits"
 ALPHA0 = "1e-6,1e-4,1e-2,1e-1"
 
@@ -45,6 +49,13 @@ def main() -> None:
     parser.add_argument("--alpha0", default=ALPHA0)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--optimizer", default="metaoptimize")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option for the MetaOptimize runs (ablations), e.g. --set gamma=0.99",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/tuning-free")
     args = parser.parse_args()
@@ -52,14 +63,18 @@ def main() -> None:
     lengths = [int(m) for m in args.lengths.split(",")]
     alpha0s = [float(a) for a in args.alpha0.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    options = parse_set(args.set)
     configs = []
     for task in tasks:
         cls = get_task(task)
         for length in lengths:
             steps = cls.full_steps * length
             for seed in seeds:
-                configs += [RunConfig(task, "adamw", seed, steps, lr) for lr in cls.lr_grid]
-                configs += [RunConfig(task, args.optimizer, seed, steps, a) for a in alpha0s]
+                for baseline in BASELINES:
+                    configs += [RunConfig(task, baseline, seed, steps, lr) for lr in cls.lr_grid]
+                configs += [
+                    RunConfig(task, args.optimizer, seed, steps, a, options) for a in alpha0s
+                ]
     outcomes = execute(configs, Path(args.out), jobs=args.jobs)
     cells: dict[tuple[str, int, str, float], list[tuple[float, bool]]] = {}
     for outcome in outcomes:
@@ -74,26 +89,27 @@ def main() -> None:
     for length in lengths:
         header = " | ".join(f"alpha0={a:g}" for a in alpha0s)
         print(f"\n### {length}x the default length (ratio to the best fixed-lr AdamW)\n")
-        print(f"| task | tuned AdamW lr | {header} |")
-        print("|---" * (len(alpha0s) + 2) + "|")
+        print(f"| task | vs tuned | best lr | {header} |")
+        print("|---" * (len(alpha0s) + 3) + "|")
         for task in tasks:
             steps = get_task(task).full_steps * length
-            grid = {
-                lr: statistics.fmean(b for b, _ in runs)
-                for (t, s, o, lr), runs in cells.items()
-                if (t, s, o) == (task, steps, "adamw")
-            }
-            best_lr = min(grid, key=lambda lr: grid[lr])
-            row = []
-            for a in alpha0s:
-                runs = cells.get((task, steps, args.optimizer, a), [])
-                if not runs:
-                    row.append("-")
-                    continue
-                value = ratio(task, statistics.fmean(b for b, _ in runs), grid[best_lr])
-                flag = " (blew up)" if any(blown for _, blown in runs) else ""
-                row.append(f"{value:.2f}{flag}")
-            print(f"| {task} | {best_lr:g} | " + " | ".join(row) + " |")
+            for baseline in BASELINES:
+                grid = {
+                    lr: statistics.fmean(b for b, _ in runs)
+                    for (t, s, o, lr), runs in cells.items()
+                    if (t, s, o) == (task, steps, baseline)
+                }
+                best_lr = min(grid, key=lambda lr: grid[lr])
+                row = []
+                for a in alpha0s:
+                    runs = cells.get((task, steps, args.optimizer, a), [])
+                    if not runs:
+                        row.append("-")
+                        continue
+                    value = ratio(task, statistics.fmean(b for b, _ in runs), grid[best_lr])
+                    flag = " (blew up)" if any(blown for _, blown in runs) else ""
+                    row.append(f"{value:.2f}{flag}")
+                print(f"| {task} | {baseline} | {best_lr:g} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

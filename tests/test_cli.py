@@ -52,6 +52,8 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["sweep", "--task", "quadratic", "--optimizer", "prodigy"], "has no lr or alpha0"),
         (["compare", "--tasks", "quadratic", "--seeds", "0"], "--seeds must be at least 1"),
         (["compare", "--jobs", "0"], "--jobs must be at least 1"),
+        (["compare", "--horizons", "0"], "every multiple must be at least 1"),
+        (["compare", "--horizons", "1,x"], "expected comma-separated integers"),
         (["report", "/nonexistent"], "has no runs/ folder"),
         (
             ["run", "--task", "quadratic", "--optimizer", "adamw", "--steps", "x"],

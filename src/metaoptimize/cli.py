@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from metaoptimize import presets
 
-__all__ = ["entrypoint", "main"]
+__all__ = ["entrypoint", "main", "parse_set"]
 
 
 class UsageError(Exception):
@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` strings as keyword arguments (values parsed as Python literals)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -197,8 +198,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
-    out = _out_dir(args.out, time.strftime("%Y%m%d-%H%M%S"))
     horizons = _horizons(args.horizons)
+    out = _out_dir(args.out, time.strftime("%Y%m%d-%H%M%S"))
     configs = compare_configs(tasks, seeds, args.quick, args.data_dir, horizons)
     print(
         f"running {len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
@@ -213,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One run of one optimizer on one task."""
     from metaoptimize.bench.runner import RunConfig, result_path
 
-    options = _parse_set(args.set)
+    options = parse_set(args.set)
     _check_task(args.task, args.data_dir)
     _check_optimizer(args.optimizer, options)
     config = RunConfig(
@@ -249,7 +250,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from metaoptimize.bench.runner import RunConfig
     from metaoptimize.bench.suite import sweep_values
 
-    options = _parse_set(args.set)
+    options = parse_set(args.set)
     _check_task(args.task, args.data_dir)
     _check_optimizer(args.optimizer, options)
     if not OPTIMIZERS[args.optimizer].sweep_key:
