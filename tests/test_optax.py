@@ -22,7 +22,7 @@ from metaoptimize import MetaOptimize
 from metaoptimize.optax import metaoptimize, step_sizes
 
 STEPS = 50
-METAS = ["fixed", "sgd", "rmsprop", "adam", "lion"]
+METAS = ["fixed", "sgd", "rmsprop", "adam", "lion", "auto"]
 
 
 def _init() -> list[torch.Tensor]:
@@ -103,6 +103,12 @@ def test_every_base_and_meta_match_pytorch(base: str, extra: dict[str, Any], met
             **extra,
         }
     )
+
+
+def test_the_defaults_match_pytorch_step_for_step() -> None:
+    """No argument at all: the optax port and MetaOptimize share the tuning-free defaults."""
+    _compare({})
+    _compare({"base": "sgd"})  # the SGD bases' own step-size range
 
 
 @pytest.mark.parametrize("blocks", ["tensor", "weight"])
