@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import pytest
@@ -143,3 +144,28 @@ def test_wrap_errors() -> None:
         wrap(torch.optim.SGD(TinyNet().parameters(), lr=0.1)).load_state_dict(
             torch.optim.SGD(TinyNet().parameters(), lr=0.1).state_dict()
         )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"alpha_min": -1.0}, ValueError, r"Invalid alpha_min"),
+        ({"alpha_max": 0.0}, ValueError, r"Invalid alpha_max"),
+        ({"alpha_min": 1e-2, "alpha_max": 1e-3}, ValueError, r"Invalid alpha_min/alpha_max"),
+        ({"meta_lr": "0.1"}, TypeError, r"Invalid meta_lr"),
+        ({"meta_lr": float("inf")}, ValueError, r"Invalid meta_lr"),
+        ({"meta_lr": float("nan")}, ValueError, r"Invalid meta_lr"),
+        ({"gamma": "x"}, TypeError, r"Invalid gamma"),
+        ({"gamma": 1.5}, ValueError, r"Invalid gamma"),
+    ],
+)
+def test_wrap_validates_its_arguments_like_metaoptimize(
+    kwargs: dict[str, Any], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        wrap(torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3), **kwargs)
+
+
+def test_wrap_keeps_the_step_size_off_zero_and_infinity_by_default() -> None:
+    opt = wrap(torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3))
+    assert (opt._low, opt._high) == (math.log(1e-12), math.log(1e6))

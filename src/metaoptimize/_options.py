@@ -11,7 +11,7 @@ import math
 
 from metaoptimize._validation import check_range
 
-__all__ = ["DEFAULT_ALPHA0", "DEFAULT_GAMMA", "DEFAULT_META", "log_bounds"]
+__all__ = ["DEFAULT_ALPHA0", "DEFAULT_GAMMA", "DEFAULT_META", "WRAP_ALPHA_RANGE", "log_bounds"]
 
 DEFAULT_META = "auto"
 DEFAULT_ALPHA0 = 1e-3
@@ -19,6 +19,8 @@ DEFAULT_ALPHA0 = 1e-3
 #: enough to forget updates that no longer predict the gradient (γ = 1 did not, on drifting
 #: targets).
 DEFAULT_GAMMA = 0.999
+#: ``wrap()``'s default step-size range: the wrapped rule is unknown, so only 0 and ∞ are ruled out.
+WRAP_ALPHA_RANGE = (1e-12, 1e6)
 
 
 def log_bounds(

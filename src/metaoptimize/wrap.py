@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaoptimize._options import DEFAULT_GAMMA, DEFAULT_META
+from metaoptimize._options import DEFAULT_GAMMA, DEFAULT_META, WRAP_ALPHA_RANGE, log_bounds
+from metaoptimize._validation import check_number, check_range
 from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
@@ -103,10 +104,13 @@ class MetaOptimizeWrapper(Optimizer):
             raise TypeError(
                 f"Invalid optimizer: {type(optimizer).__name__}; expected a torch.optim.Optimizer"
             )
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"Invalid gamma: {gamma}; need a value in [0, 1]")
-        if meta_lr is not None and meta_lr < 0:
-            raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+        gamma = check_range(gamma, "gamma", 0.0, 1.0)
+        if meta_lr is not None:
+            meta_lr = check_number(meta_lr, "meta_lr")
+            if meta_lr < 0:
+                raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+        # Any optimizer can be wrapped, so the range is wide: it only keeps α off 0 and ∞.
+        self._low, self._high = log_bounds(alpha_min, alpha_max, WRAP_ALPHA_RANGE)
         self.inner = optimizer
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
@@ -125,8 +129,6 @@ class MetaOptimizeWrapper(Optimizer):
                 )
             group.setdefault("metaoptimize_alpha0", float(group["lr"]))
         first = self.param_groups[0]["params"][0]
-        self._low = math.log(alpha_min) if alpha_min else -math.inf
-        self._high = math.log(alpha_max) if alpha_max else math.inf
         alpha0 = [g["metaoptimize_alpha0"] for g in self.param_groups for _ in g["params"]]
         if self.layout.per_weight:
             self._log_alpha = [
