@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import itertools
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +162,16 @@ def test_the_interpolation_check_fails_for_the_old_settings() -> None:
     first, worst, largest_alpha = _train_into_interpolation("paper")
     assert worst > first
     assert largest_alpha > 1.0
+
+
+@pytest.mark.slow
+def test_the_readme_quick_start_runs_as_pasted() -> None:
+    """The quick start is the product's first impression: it must run without edits."""
+    pytest.importorskip("sklearn")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("## Quick start", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert "'all'" in printed.getvalue()
+    assert isinstance(namespace["opt"], MetaOptimize)

@@ -70,6 +70,13 @@ def _seeds(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+QUICK_NOTE = (
+    "--quick is a smoke test of the code path: 40-300 steps per task are too few for a "
+    "learned step size to settle, so its ranking says nothing about MetaOptimize's quality; "
+    "draw conclusions from the full run (docs/results.md)"
+)
+
+
 def _horizons(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -205,7 +212,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"running {len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
         file=sys.stderr,
     )
+    if args.quick:
+        print(f"note: {QUICK_NOTE}", file=sys.stderr)
     outcomes, notes = _execute(configs, out, args.jobs, "compare")
+    if args.quick:
+        notes = [QUICK_NOTE, *notes]
     _finish(out, args.command_line, notes, not args.no_plots)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
