@@ -352,7 +352,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from metaoptimize.bench.report import (
         aggregate,
         load_records,
+        overall_table,
         summarize,
+        task_label,
         text_table,
         write_report,
     )
@@ -360,14 +362,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = _existing_run_dir(args.run_dir)
     records = load_records(run_dir)
-    plots = existing_plots(run_dir, sorted({r["config"]["task"] for r in records}))
-    # Keep the command that produced the runs (compare or sweep), not this one.
-    command = args.command_line
+    plots = existing_plots(run_dir, sorted({task_label(r["config"]) for r in records}))
+    # Keep the command that produced the runs (compare or sweep), and its notes, not this one.
+    command, notes = args.command_line, None
     previous = run_dir / "results.json"
     if previous.is_file():
-        command = json.loads(previous.read_text()).get("command") or command
-    report = write_report(run_dir, command, None, plots)
-    print(text_table(summarize(aggregate(load_records(run_dir)))))
+        saved = json.loads(previous.read_text())
+        command = saved.get("command") or command
+        notes = saved.get("notes")
+    report = write_report(run_dir, command, notes, plots)
+    rows = aggregate(load_records(run_dir))
+    print(text_table(summarize(rows)))
+    print("\n".join(["", "overall:", *overall_table(rows)]))
     print(f"\nreport: {report}")
     return 0
 

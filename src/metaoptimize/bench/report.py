@@ -138,14 +138,14 @@ def summarize(rows: list[Row]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _badness(task: str, mean: float, higher_is_better: bool, start: float) -> float:
-    """Smaller is better; on log-scale tasks (quadratic) 1 / digits gained from the start.
+    """Smaller is better; on ``compare_digits`` tasks (quadratic) 1 / digits gained.
 
     Digits gained: log10 of the first point of the loss curve over the final metric.
     """
     if math.isnan(mean):
         return math.inf
     task_cls = TASKS.get(task.split(" ")[0])
-    if task_cls is not None and task_cls.log_scale:
+    if task_cls is not None and task_cls.compare_digits:
         digits = math.log10(max(start, 1e-300) / max(mean, 1e-300))
         return 1.0 / digits if digits > 0 else math.inf
     return 1.0 - mean if higher_is_better else mean
@@ -154,7 +154,7 @@ def _badness(task: str, mean: float, higher_is_better: bool, start: float) -> fl
 def overall(rows: list[Row]) -> list[dict[str, Any]]:
     """Per method, over tasks: ratios of badness to tuned fixed AdamW and to tuned cosine.
 
-    Badness is the error rate (1 - accuracy), the loss or the MSE; on log-scale tasks it is
+    Badness is the error rate (1 - accuracy), the loss or the MSE; on `compare_digits` tasks it is
     1 / (digits of accuracy), so the ratio there compares digits. The swept MetaOptimize entry
     appears twice: at its default ``alpha0`` and at its worst ``alpha0`` of the grid.
     """

@@ -41,6 +41,9 @@ class Task:
     #: False where the training loss rises by design (drifting targets, task switches): the
     #: runner's "blew up" check (loss above its start, or most progress lost) does not apply.
     stationary: ClassVar[bool] = True
+    #: Compare methods by digits of accuracy gained (log10 of start / end), not by the metric's
+    #: ratio: for a deterministic problem whose error spans many orders of magnitude.
+    compare_digits: ClassVar[bool] = False
 
     def __init__(self, seed: int, steps: int, data_dir: str | None = None) -> None:
         self.seed = seed
@@ -91,6 +94,7 @@ class Quadratic(Task):
     """f(w) = 1/2 (w - w*)^T A (w - w*), condition number 100, dimension 50, full batch."""
 
     name = "quadratic"
+    compare_digits = True
     description = "ill-conditioned convex quadratic (dim 50, condition 100), known optimum"
     metric = "suboptimality"
     higher_is_better = False
