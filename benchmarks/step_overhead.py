@@ -107,6 +107,8 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
     }
     if device.type == "cuda":
         table["torch AdamW (fused)"] = lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True)
+    # What a user gets with no argument but the weight decay (the "auto" meta rule).
+    table["MetaOptimize(defaults)"] = lambda p: MetaOptimize(p, weight_decay=0.01)
     for base in ("adamw", "lion", "adam", "sgdm", "rmsprop", "sgd"):
         table[f"MetaOptimize({base}, lion, scalar)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01
