@@ -479,3 +479,32 @@ def test_invalid_trace_dtype() -> None:
         MetaOptimize(TinyNet().parameters(), trace_dtype="int8")
     with pytest.raises(ValueError, match=r"Invalid trace_dtype: torch\.int32"):
         MetaOptimize(TinyNet().parameters(), trace_dtype=torch.int32)
+
+
+def test_a_rejected_param_group_does_not_stay() -> None:
+    """Issue 16 item 6: the group is removed again, nothing else changes, a retry works."""
+    model = TinyNet()
+    opt = MetaOptimize(model.hidden.parameters(), alpha0=1e-3)
+    log_alpha = opt._log_alpha.clone()
+    with pytest.raises(ValueError, match=r"Invalid alpha0: block 'all' spans param groups"):
+        opt.add_param_group({"params": list(model.out.parameters()), "alpha0": 1e-2})
+    assert len(opt.param_groups) == 1
+    assert len(opt.layout.block_of_param) == 2  # the hidden layer's weight and bias only
+    assert torch.equal(opt._log_alpha, log_alpha)
+    opt.add_param_group({"params": list(model.out.parameters()), "alpha0": 1e-3})
+    assert len(opt.param_groups) == 2
+    train(model, opt, batches(2))
+    assert all(p in opt.state for p in model.parameters())
+
+
+def test_a_rejected_param_group_with_learned_weight_decay_changes_nothing() -> None:
+    model = TinyNet()
+    opt = MetaOptimize(
+        model.hidden.parameters(), weight_decay=0.1, learn_weight_decay=True, blocks="scalar"
+    )
+    log_alpha, log_wd = opt._log_alpha.clone(), opt._log_wd.clone()
+    with pytest.raises(ValueError, match=r"Invalid weight_decay: block 'all'"):
+        opt.add_param_group({"params": list(model.out.parameters()), "weight_decay": 0.2})
+    assert len(opt.param_groups) == 1
+    assert torch.equal(opt._log_alpha, log_alpha)
+    assert torch.equal(opt._log_wd, log_wd)

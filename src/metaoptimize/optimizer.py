@@ -326,7 +326,11 @@ class MetaOptimize(Optimizer):
                     "Invalid blocks: explicit blocks cannot grow; pass every parameter at "
                     "construction or use a mode name"
                 )
-            self._grow_blocks()
+            try:
+                self._grow_blocks()  # checks everything before it changes anything
+            except ValueError:
+                self.param_groups.pop()  # a rejected group must not stay and be trained
+                raise
 
     def _complete_group(self, group: dict[str, Any]) -> None:
         base = self._base
@@ -390,8 +394,8 @@ class MetaOptimize(Optimizer):
             and old.block_of_param != layout.block_of_param[: len(old.block_of_param)]
         ):
             raise ValueError("Invalid blocks: the new param group changes existing blocks")
-        self._layout = layout
         if layout.per_weight:
+            self._layout = layout
             return
         alpha0_of_block: dict[int, float] = {}
         params_group = [g for g in self.param_groups for _ in g["params"]]
@@ -403,6 +407,16 @@ class MetaOptimize(Optimizer):
                     f"different alpha0 ({seen} and {group['alpha0']}); use blocks='group' or "
                     "'tensor', or one alpha0 with a different lr multiplier per group"
                 )
+        wd_of_block: dict[int, float] = {}
+        if self._learn_wd:
+            for block, group in zip(layout.block_of_param, params_group, strict=True):
+                seen = wd_of_block.setdefault(block, group["weight_decay"])
+                if seen != group["weight_decay"]:
+                    raise ValueError(
+                        f"Invalid weight_decay: block {layout.names[block]!r} "
+                        "spans param groups with different weight_decay"
+                    )
+        self._layout = layout  # every check passed: from here on nothing raises
         current = self._log_alpha.numel()
         new = [math.log(alpha0_of_block[b]) for b in range(current, layout.num_blocks)]
         if not new:
@@ -416,14 +430,6 @@ class MetaOptimize(Optimizer):
             if self._approximation == "2x2":
                 self._grow_meta_trace(layout.num_blocks)
         if self._learn_wd:
-            wd_of_block: dict[int, float] = {}
-            for block, group in zip(layout.block_of_param, params_group, strict=True):
-                seen = wd_of_block.setdefault(block, group["weight_decay"])
-                if seen != group["weight_decay"]:
-                    raise ValueError(
-                        f"Invalid weight_decay: block {layout.names[block]!r} "
-                        "spans param groups with different weight_decay"
-                    )
             wd_extra = torch.tensor(
                 [math.log(wd_of_block[b]) for b in range(current, layout.num_blocks)],
                 dtype=self._beta_dtype,
