@@ -169,3 +169,20 @@ def test_wrap_validates_its_arguments_like_metaoptimize(
 def test_wrap_keeps_the_step_size_off_zero_and_infinity_by_default() -> None:
     opt = wrap(torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3))
     assert (opt._low, opt._high) == (math.log(1e-12), math.log(1e6))
+
+
+def test_wrap_with_a_zero_lr_takes_a_zero_step_not_nan() -> None:
+    """Issue 16 item 1: a warm-up from 0 (LambdaLR s/10) scaled the update by alpha / 0."""
+    model = TinyNet()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 10)
+    train(model, opt, batches(1))  # the first step runs at lr 0
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.equal(p.detach(), p0)
+    schedule.step()
+    train(model, opt, batches(3))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(
+        not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), start, strict=True)
+    )

@@ -197,8 +197,11 @@ class MetaOptimizeWrapper(Optimizer):
         for i, (group, p, grad, before, trace, block, first_step) in enumerate(entries):
             log_alpha = self._log_alpha[i] if self.layout.per_weight else self._log_alpha[0][block]
             lr0 = group["metaoptimize_alpha0"]
-            alpha = log_alpha.exp().to(p.dtype) * (group["lr"] / lr0)  # schedule multiplier
-            delta = (p.detach() - before) * (alpha / group["lr"])
+            learned = log_alpha.exp().to(p.dtype)
+            alpha = learned * (group["lr"] / lr0)  # schedule multiplier
+            # The inner step moved by lr·u; the wanted step is α·u = (lr·u)·e^β/lr0. Written
+            # without dividing by lr, so an lr of 0 (warm-up from 0) gives a zero step, not NaN.
+            delta = (p.detach() - before) * (learned / lr0)
             p.copy_(before + delta)
             kappa = group.get("weight_decay", 0.0)
             gamma = 1.0 + ok * (self.gamma - 1.0)
