@@ -186,3 +186,18 @@ def test_wrap_with_a_zero_lr_takes_a_zero_step_not_nan() -> None:
     assert any(
         not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), start, strict=True)
     )
+
+
+def test_wrap_refuses_one_step_size_across_groups_with_different_lr() -> None:
+    """Issue 16 item 7: blocks='scalar' silently started from the last group's lr."""
+    model = TinyNet()
+    inner = torch.optim.Adam(
+        [
+            {"params": model.hidden.parameters(), "lr": 1e-3},
+            {"params": model.out.parameters(), "lr": 1e-2},
+        ]
+    )
+    with pytest.raises(ValueError, match=r"Invalid blocks: block 'all' spans param groups"):
+        wrap(inner, blocks="scalar")
+    opt = wrap(inner, blocks="group")  # one step size per group is fine
+    assert [float(a) for a in opt.step_sizes().values()] == pytest.approx([1e-3, 1e-2])

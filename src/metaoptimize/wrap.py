@@ -140,11 +140,19 @@ class MetaOptimizeWrapper(Optimizer):
                 for p, a in zip(self._params(), alpha0, strict=True)
             ]
         else:
-            values = [0.0] * self.layout.num_blocks
+            values: list[float | None] = [None] * self.layout.num_blocks
             for block, a in zip(self.layout.block_of_param, alpha0, strict=True):
+                seen = values[block]
+                if seen is not None and seen != math.log(a):
+                    raise ValueError(
+                        f"Invalid blocks: block {self.layout.names[block]!r} spans param groups "
+                        f"with different lr ({math.exp(seen):g} and {a:g}); one step size "
+                        "cannot start at both: use blocks='group' or 'tensor'"
+                    )
                 values[block] = math.log(a)
             dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-            self._log_alpha = [torch.tensor(values, dtype=dtype, device=first.device)]
+            start = [0.0 if v is None else v for v in values]  # every block has a parameter
+            self._log_alpha = [torch.tensor(start, dtype=dtype, device=first.device)]
         self._meta_state = [self._meta.init_state(b) for b in self._log_alpha]
 
     def _params(self) -> list[Tensor]:
