@@ -201,3 +201,31 @@ def test_wrap_refuses_one_step_size_across_groups_with_different_lr() -> None:
         wrap(inner, blocks="scalar")
     opt = wrap(inner, blocks="group")  # one step size per group is fine
     assert [float(a) for a in opt.step_sizes().values()] == pytest.approx([1e-3, 1e-2])
+
+
+def test_wrap_stays_attached_to_the_inner_optimizer_after_a_resume() -> None:
+    """Issue 16 item 2: after load_state_dict a scheduler on the wrapper must reach the inner lr,
+    and a fresh wrapper around Adam with weight decay must resume where the first left off."""
+    model = TinyNet()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    opt.load_state_dict(opt.state_dict())
+    for _ in range(5):
+        train(model, opt, batches(1))
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == opt.inner.param_groups[0]["lr"] == pytest.approx(0.003125)
+
+    def make(net: torch.nn.Module) -> Any:
+        return wrap(torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-2))
+
+    reference, first = TinyNet(), TinyNet()
+    uninterrupted, interrupted = make(reference), make(first)
+    data = batches(6)
+    train(reference, uninterrupted, data)
+    train(first, interrupted, data[:3])
+    resumed_model = clone_model(first)
+    resumed = make(resumed_model)
+    resumed.load_state_dict(interrupted.state_dict())
+    train(resumed_model, resumed, data[3:])  # used to raise KeyError: 'step'
+    for a, b in zip(reference.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -259,6 +259,10 @@ class MetaOptimizeWrapper(Optimizer):
         if section is None:
             raise ValueError("Invalid state_dict: not saved by a MetaOptimize wrapper")
         self.inner.load_state_dict(state_dict)
+        # torch.optim replaces param_groups and state on load: share the new ones again, or a
+        # scheduler on the wrapper would stop reaching the inner optimizer.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         self._traces = {
             p: t.to(p.device, copy=True)
             for p, t in zip(self._params(), section["traces"], strict=True)
