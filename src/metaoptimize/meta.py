@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metaoptimize._math import sqrt
-from metaoptimize._validation import check_betas
+from metaoptimize._validation import check_betas, check_number
 
 __all__ = ["META_RULES", "MetaRule", "get_meta_rule"]
 
@@ -187,16 +187,22 @@ def get_meta_rule(
 ) -> MetaRule:
     """Build the meta rule ``name`` with validated hyperparameters.
 
-    ``meta_lr=None`` takes the rule's own default (:attr:`MetaRule.default_lr`).
+    ``meta_lr=None`` takes the rule's own default (:attr:`MetaRule.default_lr`). This is
+    the one check of ``meta_lr`` for every entry point (MetaOptimize, wrap, optax).
 
     Raises:
-        ValueError: unknown ``name`` or wrong ``meta_betas``.
+        ValueError: unknown ``name``, a negative or non-finite ``meta_lr``, or wrong
+            ``meta_betas``.
+        TypeError: ``meta_lr`` is not a number.
     """
     if name not in META_RULES:
         raise ValueError(f"Invalid meta: {name!r}; choose one of {sorted(META_RULES)}")
     rule_cls = META_RULES[name]
     if meta_lr is None:
         meta_lr = rule_cls.default_lr
+    meta_lr = check_number(meta_lr, "meta_lr")
+    if meta_lr < 0.0:
+        raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
     expected = rule_cls.default_betas
     if betas is None:
         betas = expected

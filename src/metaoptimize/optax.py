@@ -33,7 +33,7 @@ import optax  # type: ignore[import-untyped]
 from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BASE_RULES, is_decoupled
-from metaoptimize.meta import META_RULES
+from metaoptimize.meta import META_RULES, get_meta_rule
 
 __all__ = ["MetaOptimizeState", "metaoptimize", "step_sizes"]
 
@@ -256,9 +256,7 @@ def metaoptimize(
     if base_style not in ("torch", "paper"):
         raise ValueError(f"Invalid base_style: {base_style!r}")
     alpha0 = check_range(alpha0, "alpha0", 0.0, math.inf, low_open=True, high_open=True)
-    meta_lr = META_RULES[meta].default_lr if meta_lr is None else check_number(meta_lr, "meta_lr")
-    if meta_lr < 0:
-        raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
+    meta_lr = get_meta_rule(meta, meta_lr, None, meta_eps).meta_lr  # the shared meta_lr check
     gamma = check_range(gamma, "gamma", 0.0, 1.0)
     expected = BASE_RULES[base].default_betas
     if expected is None:

@@ -207,10 +207,6 @@ class MetaOptimize(Optimizer):
         if not isinstance(meta, str):
             raise TypeError(f"Invalid meta: {meta!r}; expected a rule name")
         self._base: BaseRule = get_base_rule(base)
-        if meta_lr is not None:
-            meta_lr = check_number(meta_lr, "meta_lr")
-            if meta_lr < 0.0:
-                raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
         meta_eps = check_number(meta_eps, "meta_eps")
         if meta_eps < 0.0:
             raise ValueError(f"Invalid meta_eps: {meta_eps}; need meta_eps >= 0")

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metaoptimize._options import DEFAULT_GAMMA, DEFAULT_META, WRAP_ALPHA_RANGE, log_bounds
-from metaoptimize._validation import check_number, check_range
+from metaoptimize._validation import check_range
 from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
@@ -105,10 +105,6 @@ class MetaOptimizeWrapper(Optimizer):
                 f"Invalid optimizer: {type(optimizer).__name__}; expected a torch.optim.Optimizer"
             )
         gamma = check_range(gamma, "gamma", 0.0, 1.0)
-        if meta_lr is not None:
-            meta_lr = check_number(meta_lr, "meta_lr")
-            if meta_lr < 0:
-                raise ValueError(f"Invalid meta_lr: {meta_lr}; need meta_lr >= 0")
         # Any optimizer can be wrapped, so the range is wide: it only keeps α off 0 and ∞.
         self._low, self._high = log_bounds(alpha_min, alpha_max, WRAP_ALPHA_RANGE)
         self.inner = optimizer
