@@ -40,7 +40,7 @@ def _seed0(records: list[dict[str, Any]], optimizer: str, value: float) -> dict[
 
 def save_plots(run_dir: Path) -> dict[str, list[Path]]:
     """Write every task's figures under ``run_dir/plots``; return their paths by task."""
-    from metaoptimize.bench.report import aggregate, load_records, summarize, task_label
+    from metaoptimize.bench.report import aggregate, load_records, summarize, task_label, task_of
     from metaoptimize.bench.tasks import TASKS
 
     plt = _pyplot()
@@ -52,8 +52,8 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
     written: dict[str, list[Path]] = defaultdict(list)
     for task, entries in summary.items():
         task_records = [r for r in records if task_label(r["config"]) == task]
-        task_cls = TASKS.get(task.split(" ")[0])
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-")
+        task_cls = TASKS.get(task_of(task))
+        slug = _slug(task)
         log_metric = bool(task_cls and task_cls.log_scale)
         metric = entries[0]["metric_name"]
 
@@ -133,6 +133,11 @@ def save_plots(run_dir: Path) -> dict[str, list[Path]]:
     return dict(written)
 
 
+def _slug(task: str) -> str:
+    """A file-name stem for a task label ("charlm (5x: 2000 steps)" -> "charlm-5x-2000-steps")."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-")
+
+
 def _save(plt: Any, figure: Any, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -148,7 +153,7 @@ def existing_plots(run_dir: Path, tasks: list[str]) -> dict[str, list[Path]]:
     """The figures already under ``run_dir/plots`` for ``tasks``."""
     found: dict[str, list[Path]] = {}
     for task in tasks:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-")
+        slug = _slug(task)
         paths = [run_dir / "plots" / f"{slug}-{kind}.png" for kind in _KINDS]
         found[task] = [p for p in paths if p.is_file()]
     return found

@@ -71,6 +71,11 @@ def task_label(config: dict[str, Any]) -> str:
     return f"{config['task']} ({steps // default}x: {steps} steps)"
 
 
+def task_of(label: str) -> str:
+    """The task name in a :func:`task_label`."""
+    return label.split(" ")[0]
+
+
 def aggregate(records: list[dict[str, Any]]) -> list[Row]:
     """Group records by (task, optimizer, value) and average over seeds."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
@@ -144,7 +149,7 @@ def _badness(task: str, mean: float, higher_is_better: bool, start: float) -> fl
     """
     if math.isnan(mean):
         return math.inf
-    task_cls = TASKS.get(task.split(" ")[0])
+    task_cls = TASKS.get(task_of(task))
     if task_cls is not None and task_cls.compare_digits:
         digits = math.log10(max(start, 1e-300) / max(mean, 1e-300))
         return 1.0 / digits if digits > 0 else math.inf
@@ -327,7 +332,7 @@ def write_report(
         "",
     ]
     for task, entries in summary.items():
-        task_cls = TASKS.get(task.split(" ")[0])
+        task_cls = TASKS.get(task_of(task))
         description = task_cls.description if task_cls else ""
         better = "higher" if entries[0]["higher_is_better"] else "lower"
         lines += [
