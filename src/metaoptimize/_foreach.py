@@ -42,6 +42,12 @@ def _ema_(averages: TensorList, inputs: TensorList, weight: Tensor) -> None:
     torch._foreach_add_(averages, torch._foreach_mul(inputs, weight))
 
 
+def _ema_square_(averages: TensorList, inputs: TensorList, weight: Tensor) -> None:
+    """``a ← (1-w) a + w x²`` in place, as :func:`metaoptimize._math.ema_square_` (overflow-safe)."""
+    torch._foreach_mul_(averages, 1.0 - weight)
+    torch._foreach_addcmul_(averages, torch._foreach_mul(inputs, weight), inputs)
+
+
 def _add_(tensors: TensorList, value: Tensor) -> None:
     """``t += value`` for a 0-d tensor ``value``.
 
@@ -126,11 +132,11 @@ def _rmsprop(
     steps = [s["step"] for s in states]
     _add_(steps, ok)
     if group["base_style"] == "paper":
-        _ema_(square_avgs, torch._foreach_mul(grads, grads), ok * (1.0 - smoothing))
+        _ema_square_(square_avgs, grads, ok * (1.0 - smoothing))
         rms = _sqrt(torch._foreach_div(square_avgs, _bias_corrections(smoothing, steps)))
         return torch._foreach_div(grads, torch._foreach_add(rms, eps)), None
     g = _l2(grads, params, kappa)
-    _ema_(square_avgs, torch._foreach_mul(g, g), ok * (1.0 - smoothing))
+    _ema_square_(square_avgs, g, ok * (1.0 - smoothing))
     grad_avgs: TensorList | None = None
     if group["centered"]:
         grad_avgs = [s["grad_avg"] for s in states]
@@ -171,7 +177,7 @@ def _adam(
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
     _add_(steps, ok)
     _ema_(exp_avgs, g, ok * (1.0 - beta1))
-    _ema_(exp_avg_sqs, torch._foreach_mul(g, g), ok * (1.0 - beta2))
+    _ema_square_(exp_avg_sqs, g, ok * (1.0 - beta2))
     bias1 = _bias_corrections(beta1, steps)
     bias2 = _bias_corrections(beta2, steps)
     rms = torch._foreach_div(_sqrt(exp_avg_sqs), _sqrt(bias2))  # sqrt(v̂)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["forward_mode", "sqrt"]
+__all__ = ["ema_square", "ema_square_", "forward_mode", "sqrt"]
 
 _FORWARD_MODE = False
 
@@ -39,3 +39,18 @@ def sqrt(x: Tensor, inplace: bool = False) -> Tensor:
         return x.sqrt_() if inplace else x.sqrt()
     positive = x > 0
     return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+
+
+def ema_square_(average: Tensor, value: Tensor, weight: Tensor | float) -> Tensor:
+    """``a ← (1-w) a + w x²`` in place, written as torch.optim writes its second moments.
+
+    An ``x²`` that overflows saturates ``a`` at ``inf`` (the step it divides then goes to 0),
+    where ``lerp`` would turn the next step's ``inf - inf`` into NaN; ``(w x) x`` keeps
+    ``w = 0`` (a skipped step) exact even when ``x²`` alone would overflow.
+    """
+    return average.mul_(1.0 - weight).addcmul_(value * weight, value)
+
+
+def ema_square(average: Tensor, value: Tensor, weight: Tensor | float) -> Tensor:
+    """Out-of-place :func:`ema_square_`."""
+    return average * (1.0 - weight) + (value * weight) * value

@@ -96,7 +96,8 @@ def _kernels() -> dict[str, Any]:
         m = tl.load(m_ptr + offsets, mask=mask)
         v = tl.load(v_ptr + offsets, mask=mask)
         m = m + weight1 * (g - m)
-        v = v + weight2 * (g * g - v)
+        # (w g) g, as torch.optim: an overflowing g² saturates v at inf instead of NaN.
+        v = v * (1.0 - weight2) + (g * weight2) * g
         denom = tl.sqrt(v) / bias2_sqrt + eps
         delta = -alpha * ((m / bias1) / denom + kappa * w)
         if HAS_TRACE:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metaoptimize._math import sqrt
+from metaoptimize._math import ema_square_, sqrt
 
 __all__ = ["BASE_RULES", "BaseRule", "get_base_rule"]
 
@@ -234,11 +234,11 @@ class RMSprop(BaseRule):
         square_avg, step = state["square_avg"], state["step"]
         step.add_(ok)
         if group["base_style"] == "paper":
-            square_avg.lerp_(grad * grad, ok * (1.0 - smoothing))
+            ema_square_(square_avg, grad, ok * (1.0 - smoothing))
             rms = sqrt(square_avg / _bias_correction(smoothing, step), inplace=True)
             return grad / rms.add_(eps), None
         g = _l2(grad, param, kappa)
-        square_avg.lerp_(g * g, ok * (1.0 - smoothing))
+        ema_square_(square_avg, g, ok * (1.0 - smoothing))
         if group["centered"]:
             grad_avg = state["grad_avg"]
             grad_avg.lerp_(g, ok * (1.0 - smoothing))
@@ -279,7 +279,7 @@ class Adam(BaseRule):
         step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
         step.add_(ok)
         exp_avg.lerp_(g, ok * (1.0 - beta1))
-        exp_avg_sq.lerp_(g * g, ok * (1.0 - beta2))
+        ema_square_(exp_avg_sq, g, ok * (1.0 - beta2))
         bias1 = _bias_correction(beta1, step)
         bias2 = _bias_correction(beta2, step)
         rms = sqrt(exp_avg_sq) / bias2.sqrt()  # sqrt(v̂)

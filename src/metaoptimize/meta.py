@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from metaoptimize._math import sqrt
+from metaoptimize._math import ema_square, sqrt
 from metaoptimize._validation import check_betas, check_number
 
 __all__ = ["META_RULES", "MetaRule", "get_meta_rule"]
@@ -86,7 +86,7 @@ class RMSprop(MetaRule):
         assert self.betas is not None
         (smoothing,) = self.betas
         step = state["step"] + 1.0
-        square_avg = state["square_avg"].lerp(z * z, 1.0 - smoothing)
+        square_avg = ema_square(state["square_avg"], z, 1.0 - smoothing)
         rms = sqrt(square_avg / (1.0 - torch.pow(smoothing, step)))
         new_beta = beta - self.meta_lr * z / (rms + self.eps)
         return new_beta, {"step": step, "square_avg": square_avg}
@@ -107,7 +107,7 @@ class Adam(MetaRule):
         beta1, beta2 = self.betas
         step = state["step"] + 1.0
         exp_avg = state["exp_avg"].lerp(z, 1.0 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].lerp(z * z, 1.0 - beta2)
+        exp_avg_sq = ema_square(state["exp_avg_sq"], z, 1.0 - beta2)
         m_hat = exp_avg / (1.0 - torch.pow(beta1, step))
         rms = sqrt(exp_avg_sq / (1.0 - torch.pow(beta2, step)))
         new_beta = beta - self.meta_lr * m_hat / (rms + self.eps)

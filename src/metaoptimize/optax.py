@@ -88,6 +88,11 @@ def _lerp(start: Array, end: Array, weight: Array | float) -> Array:
     return start + weight * (end - start)
 
 
+def _ema_square(average: Array, value: Array, weight: Array | float) -> Array:
+    """``(1-w) a + w x²`` with an overflowing ``x²`` saturating at inf (metaoptimize._math)."""
+    return average * (1.0 - weight) + (value * weight) * value
+
+
 def _bias(beta: float, count: Array) -> Array:
     return 1.0 - beta ** jnp.maximum(count, 1.0)
 
@@ -120,7 +125,7 @@ def _direction(
         return buf, (coef if l2 else None), {"momentum_buffer": buf}
     if base == "rmsprop":
         (smoothing,) = hp["betas"]
-        square_avg = _lerp(st["square_avg"], gt * gt, ok * (1.0 - smoothing))
+        square_avg = _ema_square(st["square_avg"], gt, ok * (1.0 - smoothing))
         new: dict[str, Array] = {"square_avg": square_avg}
         if style == "paper":
             rms = jnp.sqrt(square_avg / _bias(smoothing, after))
@@ -148,7 +153,7 @@ def _direction(
     if base in ("adam", "adamw"):
         beta1, beta2 = hp["betas"]
         exp_avg = _lerp(st["exp_avg"], gt, ok * (1.0 - beta1))
-        exp_avg_sq = _lerp(st["exp_avg_sq"], gt * gt, ok * (1.0 - beta2))
+        exp_avg_sq = _ema_square(st["exp_avg_sq"], gt, ok * (1.0 - beta2))
         bias1, bias2 = _bias(beta1, after), _bias(beta2, after)
         rms = jnp.sqrt(exp_avg_sq) / jnp.sqrt(bias2)
         denom = rms + eps
@@ -188,7 +193,7 @@ def _meta_update(
         beta1, beta2 = betas
         step = st["step"] + 1.0
         exp_avg = _lerp(st["exp_avg"], z, 1.0 - beta1)
-        exp_avg_sq = _lerp(st["exp_avg_sq"], z * z, 1.0 - beta2)
+        exp_avg_sq = _ema_square(st["exp_avg_sq"], z, 1.0 - beta2)
         m_hat = exp_avg / (1.0 - beta1**step)
         rms = jnp.sqrt(exp_avg_sq / (1.0 - beta2**step))
         return (
@@ -199,7 +204,7 @@ def _meta_update(
         assert betas is not None
         (smoothing,) = betas
         step = st["step"] + 1.0
-        square_avg = _lerp(st["square_avg"], z * z, 1.0 - smoothing)
+        square_avg = _ema_square(st["square_avg"], z, 1.0 - smoothing)
         rms = jnp.sqrt(square_avg / (1.0 - smoothing**step))
         return beta - eta * z / (rms + eps), {"step": step, "square_avg": square_avg}
     if meta == "auto":
