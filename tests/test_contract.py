@@ -446,6 +446,8 @@ def test_state_saved_with_meta_lr_zero_loads_into_an_active_optimizer() -> None:
     assert all("trace" not in s for s in frozen.state.values())
     active = MetaOptimize(model.parameters(), meta="lion", meta_lr=0.05, alpha0=0.01)
     active.load_state_dict(frozen.state_dict())
+    assert active.meta_lr == 0.0  # restored, as torch.optim restores every hyperparameter
+    active.meta_lr = 0.05
     train(model, active, batches(5))
     assert flat_step_sizes(active).item() != pytest.approx(0.01)
 
@@ -508,3 +510,45 @@ def test_a_rejected_param_group_with_learned_weight_decay_changes_nothing() -> N
     assert len(opt.param_groups) == 1
     assert torch.equal(opt._log_alpha, log_alpha)
     assert torch.equal(opt._log_wd, log_wd)
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "group", "tensor", "weight"])
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_empty_param_groups_are_accepted_as_in_torch(blocks: str, empty_first: bool) -> None:
+    # meta="fixed": the optimizer must equal torch's AdamW with or without the empty group.
+    model, twin = TinyNet(), TinyNet()
+    twin.load_state_dict(model.state_dict())
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    groups.insert(0 if empty_first else 1, {"params": []})
+    ours = MetaOptimize(groups, meta="fixed", alpha0=0.01, blocks=blocks, weight_decay=0.1)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.1)
+    train(model, ours, batches(3))
+    train(twin, theirs, batches(3))
+    for mine, reference in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, reference)
+    assert len(ours.step_sizes()) == (2 if blocks == "group" else len(ours.layout.names))
+    active = MetaOptimize(
+        [{"params": []}, {"params": list(model.parameters())}], blocks=blocks, weight_decay=0.1
+    )
+    train(model, active, batches(3))
+    active.load_state_dict(active.state_dict())
+    assert all(torch.isfinite(a).all() for a in active.step_sizes().values())
+
+
+def test_complex_parameters_are_refused_with_a_clear_message() -> None:
+    complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"Invalid params: complex .*view_as_real"):
+        MetaOptimize([complex_param])
+    optimizer = MetaOptimize([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(TypeError, match=r"complex"):
+        optimizer.add_param_group({"params": [complex_param]})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_skipped_step_count_is_an_int() -> None:
+    weights = torch.zeros(2, requires_grad=True)
+    optimizer = MetaOptimize([weights])
+    weights.grad = torch.tensor([math.nan, 1.0])
+    optimizer.step()
+    assert optimizer.skipped_step_count == 1
+    assert isinstance(optimizer.skipped_step_count, int)

@@ -5,14 +5,21 @@ from __future__ import annotations
 import math
 
 
-def check_betas(betas: object, length: int, arg: str) -> tuple[float, ...]:
-    """Return ``betas`` as a tuple of ``length`` floats in [0, 1), or raise ValueError."""
+def check_betas(
+    betas: object, length: int, arg: str, one_allowed: tuple[bool, ...] = ()
+) -> tuple[float, ...]:
+    """Return ``betas`` as a tuple of ``length`` floats in [0, 1), or raise ValueError.
+
+    ``one_allowed[i]`` admits 1 at index ``i`` (a factor that may keep everything).
+    """
     if not isinstance(betas, (tuple, list)) or len(betas) != length:
         raise ValueError(f"Invalid {arg}: {betas!r}; expected a tuple of {length} floats")
     values = tuple(check_number(b, arg) for b in betas)
     for index, value in enumerate(values):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"Invalid {arg} at index {index}: {value}; need 0 <= beta < 1")
+        closed = index < len(one_allowed) and one_allowed[index]
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            need = "0 <= beta <= 1" if closed else "0 <= beta < 1"
+            raise ValueError(f"Invalid {arg} at index {index}: {value}; need {need}")
     return values
 
 

@@ -29,6 +29,8 @@ class MetaRule:
     name: ClassVar[str]
     #: Default ``meta_betas``; None when the rule takes none.
     default_betas: ClassVar[tuple[float, ...] | None] = None
+    #: Per beta, whether 1 is allowed (a factor that keeps everything, not an average).
+    betas_one_allowed: ClassVar[tuple[bool, ...]] = ()
     #: Default ``meta_lr`` (the paper's 1e-3 for the paper's rules).
     default_lr: ClassVar[float] = 1e-3
 
@@ -158,6 +160,7 @@ class Auto(MetaRule):
 
     name = "auto"
     default_betas = (0.999, 1.0)
+    betas_one_allowed = (False, True)
     default_lr = 0.5
 
     def init_state(self, beta: Tensor) -> MetaState:
@@ -209,5 +212,5 @@ def get_meta_rule(
     elif expected is None:
         raise ValueError(f"Invalid meta_betas: {betas!r}; meta {name!r} takes no betas")
     else:
-        betas = check_betas(betas, len(expected), "meta_betas")
+        betas = check_betas(betas, len(expected), "meta_betas", rule_cls.betas_one_allowed)
     return rule_cls(meta_lr, betas, eps)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaoptimize._checkpoint import check_section_tensors, check_state_tensor, restored_bounds
 from metaoptimize._foreach import foreach_parameter_step
 from metaoptimize._fused import (
     compile_meta_step,
@@ -286,7 +287,8 @@ class MetaOptimize(Optimizer):
             "base_style": base_style,
         }
         super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][0]
+        # Empty groups are allowed (as in torch.optim); the home device is the first parameter's.
+        first = next(p for group in self.param_groups for p in group["params"])
         self._home = first.device
         self._beta_dtype = _promoted_state_dtype(self.param_groups)
         self._log_alpha = torch.empty(0, dtype=self._beta_dtype, device=self._home)
@@ -328,8 +330,21 @@ class MetaOptimize(Optimizer):
                 self.param_groups.pop()  # a rejected group must not stay and be trained
                 raise
 
-    def _complete_group(self, group: dict[str, Any]) -> None:
+    def _complete_group(
+        self, group: dict[str, Any], bounds: tuple[float, float] | None = None
+    ) -> None:
+        """Validate and complete a group's hyperparameters.
+
+        ``bounds`` is the log step-size range ``alpha0`` must lie in (default: this
+        optimizer's).
+        """
         base = self._base
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(
+                    "Invalid params: complex parameters are not supported; optimize "
+                    "torch.view_as_real(p) as a real parameter instead"
+                )
         # ZeroRedundancyOptimizer copies every constructor keyword into its groups; the
         # process group is optimizer-wide and must not be serialised with them.
         group.pop("partition_group", None)
@@ -375,7 +390,7 @@ class MetaOptimize(Optimizer):
                 f"Invalid weight_decay: {group['weight_decay']}; "
                 "learn_weight_decay needs weight_decay > 0 in every group"
             )
-        bounds = self._log_bounds
+        bounds = bounds or self._log_bounds
         log_alpha0 = math.log(group["alpha0"])
         if not bounds[0] <= log_alpha0 <= bounds[1]:
             raise ValueError(f"Invalid alpha0: {group['alpha0']}; outside [alpha_min, alpha_max]")
@@ -412,6 +427,10 @@ class MetaOptimize(Optimizer):
                         f"Invalid weight_decay: block {layout.names[block]!r} "
                         "spans param groups with different weight_decay"
                     )
+        if layout.mode == "group":  # an empty group still has its block
+            for index, group in enumerate(self.param_groups):
+                alpha0_of_block.setdefault(index, group["alpha0"])
+                wd_of_block.setdefault(index, group["weight_decay"])
         self._layout = layout  # every check passed: from here on nothing raises
         current = self._log_alpha.numel()
         new = [math.log(alpha0_of_block[b]) for b in range(current, layout.num_blocks)]
@@ -453,8 +472,36 @@ class MetaOptimize(Optimizer):
 
     @property
     def skipped_steps(self) -> Tensor:
-        """Number of steps skipped because a gradient or meta-gradient was not finite."""
+        """Number of steps skipped because a gradient or meta-gradient was not finite.
+
+        A 0-d device tensor, so that reading it never forces a synchronisation; see
+        :attr:`skipped_step_count` for a plain int.
+        """
         return self._skipped
+
+    @property
+    def skipped_step_count(self) -> int:
+        """:attr:`skipped_steps` as an int (reads the device value: a synchronisation)."""
+        return int(self._skipped.item())
+
+    @property
+    def meta_lr(self) -> float:
+        """The meta step size η of the step-size meta rule.
+
+        Restored by :meth:`load_state_dict`; set it after loading to continue with another
+        (for example to turn meta-learning on for a run saved with ``meta_lr=0``).
+        """
+        return self._meta.meta_lr
+
+    @meta_lr.setter
+    def meta_lr(self, value: float) -> None:
+        rule = get_meta_rule(self._meta.name, value, self._meta.betas, self._meta.eps)
+        if not rule.active and (self._learn_wd or self._trace == "hessian"):
+            raise ValueError(
+                f"Invalid meta_lr: {value}; learn_weight_decay and trace='hessian' need "
+                "an active meta rule"
+            )
+        self._meta = rule
 
     def weight_decays(self) -> dict[str, Tensor]:
         """Current weight decay by block (learned with ``learn_weight_decay=True``).
@@ -1105,6 +1152,15 @@ class MetaOptimize(Optimizer):
             "trace": self._trace,
             "trace_approximation": self._approximation,
             "meta_trace": {k: v.clone() for k, v in self._meta_trace.items()},
+            # Settings held outside param_groups, restored by load_state_dict as torch.optim
+            # restores every hyperparameter.
+            "hyperparameters": {
+                "meta_lr": self._meta.meta_lr,
+                "meta_betas": self._meta.betas,
+                "meta_eps": self._meta.eps,
+                "weight_decay_meta_lr": self._wd_meta.meta_lr,
+                "log_alpha_bounds": self._log_bounds,
+            },
         }
         return state_dict
 
@@ -1161,21 +1217,16 @@ class MetaOptimize(Optimizer):
                 f"Invalid state_dict: saved with block layout {section['blocks']!r}"
                 f", but this optimizer has {self.layout.signature()!r}"
             )
-        saved_state = state_dict["state"]
+        meta, wd_meta, bounds = self._restored_rules(section.get("hyperparameters"))
+        for group in groups:
+            self._complete_group({**group, "params": []}, bounds)  # validate, change nothing
+        check_section_tensors(section, self._section_tensors())
+        state = self._restored_state(state_dict["state"], groups)
         super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype; MetaOptimize keeps the saved
-        # dtype (e.g. float32 log step sizes for bfloat16 parameters) and copies every tensor.
-        # Map saved keys to parameters as torch does: the saved groups' "params" lists, in
-        # order (integer ids from state_dict(), parameter names from distributed checkpoint).
-        saved_keys = [key for group in groups for key in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        param_of = dict(zip(saved_keys, params, strict=True))
-        for key, values in saved_state.items():
-            p = param_of[key]
-            self.state[p] = {
-                key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
-                for key, value in values.items()
-            }
+        # Every check passed: from here on nothing raises.
+        self.state.clear()
+        self.state.update(state)
+        self._meta, self._wd_meta, self._log_bounds = meta, wd_meta, bounds
         self._log_alpha.copy_(section["log_alpha"])
         for key, value in self._meta_state.items():
             value.copy_(section["meta_state"][key])
@@ -1185,6 +1236,70 @@ class MetaOptimize(Optimizer):
             value.copy_(section["weight_decay_meta_state"][key])
         for key, value in self._meta_trace.items():
             value.copy_(section["meta_trace"][key])
+
+    def _restored_rules(self, saved: object) -> tuple[MetaRule, MetaRule, tuple[float, float]]:
+        """The meta rules and step-size bounds a state dict was saved with (validated).
+
+        State dicts from before these were saved keep this optimizer's own.
+        """
+        if saved is None:
+            return self._meta, self._wd_meta, self._log_bounds
+        if not isinstance(saved, dict):
+            raise TypeError(f"Invalid state_dict: hyperparameters {saved!r} is not a dict")
+        name, betas, eps = self._meta.name, saved.get("meta_betas"), saved.get("meta_eps")
+        eps = check_number(eps, "meta_eps")
+        if eps < 0.0:
+            raise ValueError(f"Invalid state_dict: meta_eps {eps}; need meta_eps >= 0")
+        meta = get_meta_rule(name, saved.get("meta_lr"), betas, eps)
+        wd_meta = get_meta_rule(name, saved.get("weight_decay_meta_lr"), betas, eps)
+        return meta, wd_meta, restored_bounds(saved.get("log_alpha_bounds"))
+
+    def _section_tensors(self) -> dict[str, Tensor | dict[str, Tensor]]:
+        """The optimizer-wide tensors a saved section must match (shapes, by name)."""
+        return {
+            "log_alpha": self._log_alpha,
+            "meta_state": self._meta_state,
+            "skipped_steps": self._skipped,
+            "log_weight_decay": self._log_wd,
+            "weight_decay_meta_state": self._wd_meta_state,
+            "meta_trace": self._meta_trace,
+        }
+
+    def _restored_state(
+        self, saved_state: dict[Any, Any], groups: list[dict[str, Any]]
+    ) -> dict[Tensor, dict[str, Any]]:
+        """Checked copies of the saved per-parameter state.
+
+        Each copy is on its parameter's device and in the dtype this optimizer creates (as
+        torch.optim casts loaded state).
+
+        Saved keys map to parameters as in torch: the saved groups' "params" lists, in order
+        (integer ids from state_dict(), parameter names from distributed checkpoint).
+        """
+        saved_keys = [key for group in groups for key in group["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        if len(saved_keys) != len(params):
+            raise ValueError(
+                f"Invalid state_dict: it holds {len(saved_keys)} parameters, this optimizer "
+                f"has {len(params)}"
+            )
+        param_of = dict(zip(saved_keys, params, strict=True))
+        restored: dict[Tensor, dict[str, Any]] = {}
+        for key, values in saved_state.items():
+            if key not in param_of:
+                raise ValueError(f"Invalid state_dict: state[{key!r}] names no parameter")
+            p, group = param_of[key]
+            expected: dict[str, Any] = {}
+            self._init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), group, expected)
+            state: dict[str, Any] = {}
+            for name, value in values.items():
+                check_state_tensor(f"state[{key!r}]", name, value, expected.get(name), _local)
+                if isinstance(value, Tensor):
+                    dtype = expected[name].dtype if name in expected else value.dtype
+                    value = value.to(device=p.device, dtype=dtype, copy=True)
+                state[name] = value
+            restored[p] = state
+        return restored
 
 
 def _check_trace(
