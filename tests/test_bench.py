@@ -278,3 +278,61 @@ def test_blew_up_flags_a_rise_above_the_start_or_lost_progress() -> None:
     assert blew_up_curve([2.3, 0.1, 1805.0, 2.3, 2.3])  # the spike of issue 19
     assert blew_up_curve([2.3, 0.01, 0.01, 0.01, 1.5])  # ends far above its best
     assert not blew_up_curve([2.3])
+
+
+class _RunsCode:
+    """A pickle payload that calls a function when unpickled (the attack to refuse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def _cifar_dir(tmp_path: Path, batch: object) -> Path:
+    root = tmp_path / "cifar"
+    root.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        with (root / name).open("wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+    return root
+
+
+def test_cifar10_reader_refuses_to_run_code_from_a_crafted_batch(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    root = _cifar_dir(tmp_path, {b"data": _RunsCode(marker), b"labels": [0]})
+    with pytest.raises(datasets.DataError, match=r"data_batch_1: .*is not allowed"):
+        datasets.read_cifar10(root)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("batch", "pattern"),
+    [
+        ([1, 2, 3], r"data_batch_1 is not a batch dict"),
+        ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, r"not a multiple of 3072"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, r"not uint8"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 99]}, r"2 ints in 0\.\.9"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, r"2 ints in 0\.\.9"),
+    ],
+)
+def test_cifar10_reader_names_the_file_of_a_malformed_batch(
+    tmp_path: Path, batch: object, pattern: str
+) -> None:
+    with pytest.raises(datasets.DataError, match=pattern):
+        datasets.read_cifar10(_cifar_dir(tmp_path, batch))
+
+
+def test_token_shards_that_are_empty_or_shorter_than_the_context_are_named(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data00.bin").write_bytes(b"")
+    with pytest.raises(datasets.DataError, match=r"data00\.bin holds 0 tokens"):
+        datasets.read_token_shards(tmp_path)
+    np.arange(30, dtype=np.uint16).tofile(tmp_path / "data00.bin")
+    with pytest.raises(datasets.DataError, match=r"data00\.bin holds 30 tokens; its 90/10 split"):
+        datasets.read_token_shards(tmp_path, min_tokens=20)
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "data01.bin")
+    with pytest.raises(datasets.DataError, match=r"data00\.bin holds 30 tokens; need at least 66"):
+        datasets.read_token_shards(tmp_path, min_tokens=66)

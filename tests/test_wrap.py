@@ -229,3 +229,25 @@ def test_wrap_stays_attached_to_the_inner_optimizer_after_a_resume() -> None:
     train(resumed_model, resumed, data[3:])  # used to raise KeyError: 'step'
     for a, b in zip(reference.parameters(), resumed_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "group", "tensor", "weight"])
+def test_wrap_accepts_an_empty_param_group(blocks: str) -> None:
+    weights = torch.zeros(3, requires_grad=True)
+    inner = torch.optim.Adam([{"params": []}, {"params": [weights], "lr": 0.01}], lr=1e-3)
+    wrapped = wrap(inner, blocks=blocks)
+    for _ in range(3):
+        weights.grad = torch.ones(3)
+        wrapped.step()
+    sizes = wrapped.step_sizes()
+    if blocks == "group":
+        assert sizes["group0"].item() == pytest.approx(1e-3)  # the empty group keeps its lr
+    assert all(torch.isfinite(a).all() for a in sizes.values())
+    assert torch.isfinite(weights).all()
+    assert (weights < 0).all()
+
+
+def test_wrap_refuses_complex_parameters() -> None:
+    complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"complex"):
+        wrap(torch.optim.Adam([complex_param]))

@@ -124,7 +124,13 @@ class MetaOptimizeWrapper(Optimizer):
                     "Invalid optimizer: every param group needs a positive lr (it becomes alpha0)"
                 )
             group.setdefault("metaoptimize_alpha0", float(group["lr"]))
-        first = self.param_groups[0]["params"][0]
+        if any(p.is_complex() for p in self._params()):
+            raise TypeError(
+                "Invalid optimizer: complex parameters are not supported; optimize "
+                "torch.view_as_real(p) as a real parameter instead"
+            )
+        # Empty groups are allowed (as in torch.optim); the home device is the first parameter's.
+        first = next(iter(self._params()))
         alpha0 = [g["metaoptimize_alpha0"] for g in self.param_groups for _ in g["params"]]
         if self.layout.per_weight:
             self._log_alpha = [
@@ -146,8 +152,12 @@ class MetaOptimizeWrapper(Optimizer):
                         "cannot start at both: use blocks='group' or 'tensor'"
                     )
                 values[block] = math.log(a)
+            if self.layout.mode == "group":  # an empty group still has its block
+                for index, group in enumerate(self.param_groups):
+                    if values[index] is None:
+                        values[index] = math.log(group["metaoptimize_alpha0"])
             dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-            start = [0.0 if v is None else v for v in values]  # every block has a parameter
+            start = [0.0 if v is None else v for v in values]  # every other block has a param
             self._log_alpha = [torch.tensor(start, dtype=dtype, device=first.device)]
         self._meta_state = [self._meta.init_state(b) for b in self._log_alpha]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,21 +110,65 @@ def read_cifar10(data_dir: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     def load(path: Path) -> tuple[Tensor, Tensor]:
         try:
             with path.open("rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")  # the official format is a pickle
-            data, labels = batch[b"data"], batch[b"labels"]
-        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as error:
+                batch = _BatchUnpickler(handle, encoding="bytes").load()
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
             raise DataError(f"CIFAR-10: cannot read {path}: {error}") from error
-        images = (
-            torch.as_tensor(bytes(memoryview(data)), dtype=torch.uint8)
-            if isinstance(data, (bytes, bytearray))
-            else torch.as_tensor(data, dtype=torch.uint8)
-        )
-        images = images.reshape(-1, 3, 32, 32).float() / 255.0
-        return images, torch.as_tensor(labels, dtype=torch.int64)
+        return _cifar_batch(path, batch)
 
     parts = [load(path) for path in train_files]
     x_test, y_test = load(test_file)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), x_test, y_test
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR-10 batch holds.
+
+    Dicts, lists, ints, bytes and numpy arrays; any other global (``os.system``,
+    ``builtins.eval``, ...) is refused, so a crafted file cannot run code.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes written by Python 3 at protocol 2
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path, batch: object) -> tuple[Tensor, Tensor]:
+    """Images and labels of one unpickled batch, or a DataError naming the file."""
+    import numpy as np  # the batches hold numpy arrays; numpy comes with the bench extra
+
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"CIFAR-10: {path} is not a batch dict with b'data' and b'labels'")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if isinstance(data, (bytes, bytearray)):
+        images = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    elif isinstance(data, np.ndarray) and data.dtype == np.uint8:
+        images = torch.from_numpy(np.ascontiguousarray(data)).flatten()
+    else:
+        raise DataError(f"CIFAR-10: {path}: b'data' is not uint8 image data")
+    if images.numel() == 0 or images.numel() % 3072:
+        raise DataError(
+            f"CIFAR-10: {path}: b'data' has {images.numel()} bytes, not a multiple of "
+            "3072 (3x32x32 images)"
+        )
+    count = images.numel() // 3072
+    if not (
+        isinstance(labels, list)
+        and len(labels) == count
+        and all(isinstance(v, int) and 0 <= v < 10 for v in labels)
+    ):
+        raise DataError(f"CIFAR-10: {path}: b'labels' must be {count} ints in 0..9")
+    return images.reshape(count, 3, 32, 32).float() / 255.0, torch.tensor(labels)
 
 
 def token_shard_paths(data_dir: str | Path) -> list[Path]:
@@ -144,17 +189,22 @@ def token_shard_paths(data_dir: str | Path) -> list[Path]:
     return shards
 
 
-def read_token_shards(data_dir: str | Path) -> tuple[Tensor, Tensor]:
+def read_token_shards(data_dir: str | Path, min_tokens: int = 1) -> tuple[Tensor, Tensor]:
     """Read llama2.c-style pretokenised shards (``*.bin``, little-endian uint16 tokens).
 
     As in llama2.c, the first shard (sorted by name) is the validation split and the others are
     training data; with a single shard its last 10% is held out.
 
+    Args:
+        data_dir: the folder with the shards.
+        min_tokens: the fewest tokens each split may have (a context plus its target).
+
     Returns:
         ``(train_tokens, val_tokens)`` as int64 tensors.
 
     Raises:
-        DataError: the folder has no ``.bin`` shards or a shard is malformed.
+        DataError: the folder has no ``.bin`` shards, a shard is malformed, or a split is
+            shorter than ``min_tokens``.
     """
     shards = token_shard_paths(data_dir)
 
@@ -162,11 +212,20 @@ def read_token_shards(data_dir: str | Path) -> tuple[Tensor, Tensor]:
         raw = path.read_bytes()
         if len(raw) % 2:
             raise DataError(f"TinyStories: {path} has an odd number of bytes; expected uint16")
+        if len(raw) // 2 < min_tokens:
+            raise DataError(
+                f"TinyStories: {path} holds {len(raw) // 2} tokens; need at least {min_tokens}"
+            )
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.int16).to(torch.int64)
         return tokens & 0xFFFF  # reinterpret as unsigned 16-bit
 
     if len(shards) == 1:
         tokens = load(shards[0])
         split = int(len(tokens) * 0.9)
+        if min(split, len(tokens) - split) < min_tokens:
+            raise DataError(
+                f"TinyStories: {shards[0]} holds {len(tokens)} tokens; its 90/10 split needs "
+                f"at least {min_tokens} in each part"
+            )
         return tokens[:split], tokens[split:]
     return torch.cat([load(p) for p in shards[1:]]), load(shards[0])

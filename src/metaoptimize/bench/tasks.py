@@ -355,7 +355,7 @@ class TinyStories(_LanguageModel):
     def _tokens(self) -> tuple[Tensor, Tensor]:
         if self.data_dir is None:
             raise datasets.DataError("task 'tinystories' needs --data-dir with .bin shards")
-        train, val = datasets.read_token_shards(self.data_dir)
+        train, val = datasets.read_token_shards(self.data_dir, min_tokens=self.context + 2)
         largest = int(max(train.max(), val.max()))
         if largest >= self.vocab:
             raise datasets.DataError(f"TinyStories: token id {largest} >= vocabulary {self.vocab}")
