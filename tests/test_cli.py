@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,30 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (
             ["run", "--task", "quadratic", "--optimizer", "adamw", "--steps", "x"],
             "invalid int value",
+        ),
+        (["run", "--task", "quadratic", "--optimizer", "adamw", "--steps", "0"], "at least 1"),
+        (["sweep", "--task", "quadratic", "--optimizer", "adamw", "--steps", "-5"], "at least 1"),
+        (["compare", "--tasks", ""], "--tasks is empty"),
+        (["compare", "--tasks", " , "], "--tasks is empty"),
+        (
+            ["run", "--task", "quadratic", "--optimizer", "metaoptimize", "--value", "-1"],
+            "Invalid alpha0: -1.0",
+        ),
+        (
+            ["sweep", "--task", "quadratic", "--optimizer", "adamw", "--values", "0.1,-1"],
+            "--values expects positive numbers",
+        ),
+        (
+            ["run", "--task", "quadratic", "--optimizer", "metaoptimize", "--set", "alpha0=0.1"],
+            "--set alpha0=... conflicts with the swept value",
+        ),
+        (
+            ["sweep", "--task", "quadratic", "--optimizer", "adamw", "--set", "lr=0.1"],
+            "--set lr=... conflicts with the swept value",
+        ),
+        (
+            ["run", "--task", "quadratic", "--optimizer", "metaoptimize", "--set", "gamma=abc"],
+            "(--set gamma='abc': not a number)",
         ),
     ],
 )
@@ -248,3 +275,111 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert result.returncode == 0
     assert "tinystories-adamw-lion" in result.stdout
+
+
+def _sweep_argv(out: Path, *extra: str) -> list[str]:
+    return [
+        "sweep",
+        "--task",
+        "quadratic",
+        "--optimizer",
+        "adamw",
+        "--values",
+        "0.01,0.1",
+        "--seeds",
+        "1",
+        "--steps",
+        "10",
+        "--jobs",
+        "1",
+        "--no-plots",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_an_out_that_is_a_file_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "run_one", _must_not_run)
+    target = tmp_path / "file"
+    target.write_text("")
+    assert cli.main(_sweep_argv(target)) == 2
+    assert "is a file, not a directory" in _error_line(capsys)
+
+
+def _must_not_run(config: Any) -> Any:
+    raise AssertionError("training started")
+
+
+def test_a_second_process_writing_the_same_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp_path.joinpath(".metaoptimize.lock").write_text(str(os.getppid()))  # a live process
+    monkeypatch.setattr(runner, "run_one", _must_not_run)
+    assert cli.main(_sweep_argv(tmp_path)) == 2
+    assert f"in use by another metaoptimize (pid {os.getppid()})" in _error_line(capsys)
+    # a lock left by a process that has ended is taken over
+    tmp_path.joinpath(".metaoptimize.lock").write_text("999999999")
+    monkeypatch.undo()
+    assert cli.main(_sweep_argv(tmp_path)) == 0
+    assert not tmp_path.joinpath(".metaoptimize.lock").exists()
+
+
+def test_a_corrupted_record_is_named_skipped_and_run_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(_sweep_argv(tmp_path)) == 0
+    records = sorted(tmp_path.glob("runs/**/result.json"))
+    assert len(records) == 2
+    records[0].write_text("")
+    with pytest.warns(UserWarning, match=r"ignoring unreadable .*result\.json"):
+        assert cli.main(["report", str(tmp_path)]) == 0
+    with pytest.warns(UserWarning, match=r"ignoring unreadable"):
+        assert cli.main(_sweep_argv(tmp_path)) == 0
+    assert "1 of 2 runs already done, 1 to go" in capsys.readouterr().err
+    assert json.loads(records[0].read_text())["metric"] is not None
+
+
+def test_compare_without_out_resumes_the_latest_unfinished_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--tasks", "quadratic", "--quick", "--jobs", "1", "--no-plots"]
+    real_run_one = runner.run_one
+    calls = {"n": 0}
+
+    def interrupted_on_fifth(config: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_run_one(config)
+
+    monkeypatch.setattr(runner, "run_one", interrupted_on_fifth)
+    assert cli.main(argv) == 130
+    (folder,) = list((tmp_path / "runs").iterdir())
+    assert not (folder / ".metaoptimize.lock").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "run_one", real_run_one)
+    assert cli.main(argv) == 0
+    assert f"resuming {Path('runs') / folder.name}: 4 of" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == [folder]
+    assert (folder / "report.md").is_file()
+
+
+def test_ctrl_c_stops_parallel_workers_within_seconds(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "metaoptimize", *_sweep_argv(tmp_path)]
+    argv[argv.index("--steps") + 1] = "100000"  # minutes of work per run
+    argv[argv.index("--jobs") + 1] = "2"
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(12)  # the workers have started and are training
+    assert process.poll() is None
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole process group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert time.monotonic() - started < 10
+    assert "interrupted" in err
+    assert not list(tmp_path.glob("runs/**/*.tmp"))
+    assert not list(tmp_path.glob("runs/**/result.json"))

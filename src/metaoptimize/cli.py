@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +26,17 @@ __all__ = ["entrypoint", "main", "parse_set"]
 
 class UsageError(Exception):
     """Bad command-line input; reported as one line with exit code 2."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` where there is a default worth stating."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {default})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +56,17 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             options[key] = text
     return options
+
+
+def _positive_int(text: str) -> int:
+    """Parse a count such as ``--steps`` (at least 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -102,8 +125,13 @@ def _check_task(name: str, data_dir: str | None) -> None:
             raise UsageError(str(error)) from error
 
 
-def _check_optimizer(name: str, options: dict[str, Any]) -> None:
-    """Build the optimizer once on a throwaway parameter so bad options fail here, not later."""
+def _check_optimizer(
+    name: str, options: dict[str, Any], values: Sequence[float | None] = (None,)
+) -> None:
+    """Build the optimizer on a throwaway parameter, once per swept value.
+
+    Bad options and values fail here, before any training, not in the middle of a sweep.
+    """
     import torch
 
     from metaoptimize.bench.optimizers import OPTIMIZERS, MissingDependency
@@ -111,18 +139,75 @@ def _check_optimizer(name: str, options: dict[str, Any]) -> None:
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; see 'metaoptimize list optimizers'")
     spec = OPTIMIZERS[name]
+    if spec.sweep_key and spec.sweep_key in options:
+        raise UsageError(
+            f"--set {spec.sweep_key}=... conflicts with the swept value: pass {spec.sweep_key} "
+            "with --value (run) or --values (sweep)"
+        )
     params = [torch.nn.Parameter(torch.zeros(2))]
     named = [("probe", params[0])] if spec.family == "metaoptimize" else params
     try:
-        spec.build(named, spec.default, 10, dict(options))
+        for value in values:
+            spec.build(named, spec.default if value is None else value, 10, dict(options))
     except MissingDependency:
         return  # reported per run as a skip
     except (TypeError, ValueError) as error:
-        raise UsageError(f"optimizer {name!r}: {error}") from error
+        texts = [f"{k}={v!r}" for k, v in options.items() if isinstance(v, str)]
+        hint = f" (--set {', '.join(texts)}: not a number)" if texts else ""
+        raise UsageError(f"optimizer {name!r}: {error}{hint}") from error
 
 
 def _out_dir(given: str | None, default_name: str) -> Path:
     return Path(given) if given else Path("runs") / default_name
+
+
+_LOCK = ".metaoptimize.lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _claim(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this process.
+
+    It is checked writable before any training, and refused (naming the other process's pid)
+    while another metaoptimize writes there.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    lock = out / _LOCK
+    for _ in range(2):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = lock.read_text().strip() if lock.is_file() else ""
+            if text.isdigit() and _process_alive(int(text)):
+                raise UsageError(
+                    f"{out} is in use by another metaoptimize (pid {text}); wait for it or "
+                    "pass another --out"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a process that no longer runs
+            continue
+        except OSError as error:
+            raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise UsageError(f"cannot take {lock}; remove it if no metaoptimize is running")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _progress(total: int, description: str) -> Callable[[Any], None]:
@@ -152,9 +237,15 @@ def _progress(total: int, description: str) -> Callable[[Any], None]:
 def _execute(
     configs: list[Any], out: Path, jobs: int, description: str
 ) -> tuple[list[Any], list[str]]:
-    from metaoptimize.bench.runner import execute
+    from metaoptimize.bench.runner import execute, stored_record
 
-    out.mkdir(parents=True, exist_ok=True)
+    done = sum(stored_record(out, config) is not None for config in configs)
+    if done:
+        print(
+            f"resuming {out}: {done} of {len(configs)} runs already done, "
+            f"{len(configs) - done} to go",
+            file=sys.stderr,
+        )
     outcomes = execute(configs, out, jobs=jobs, on_outcome=_progress(len(configs), description))
     notes = sorted(
         {f"skipped {o.config.optimizer}: {o.message}" for o in outcomes if o.status == "skipped"}
@@ -163,15 +254,27 @@ def _execute(
     return outcomes, notes
 
 
-def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
+def _print_tables(run_dir: Path) -> None:
+    """Per-task tables, then the summary the report opens with, with column headers."""
     from metaoptimize.bench.report import (
         aggregate,
         load_records,
         overall_table,
         summarize,
+        task_verdicts,
         text_table,
-        write_report,
     )
+
+    rows = aggregate(load_records(run_dir))
+    summary = summarize(rows)
+    print(text_table(summary))
+    print("\nsummary (ratio of badness to the tuned baselines; docs/results.md explains):")
+    print("\n".join(overall_table(rows)))
+    print("\n".join(["", *task_verdicts(summary)]))
+
+
+def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
+    from metaoptimize.bench.report import write_report
 
     plot_paths = None
     if plots:
@@ -182,10 +285,7 @@ def _finish(out: Path, command: str, notes: list[str], plots: bool) -> None:
         except RuntimeError as error:  # matplotlib missing
             notes = [*notes, str(error)]
     report = write_report(out, command, notes, plot_paths)
-    rows = aggregate(load_records(out))
-    print(text_table(summarize(rows)))
-    print("\noverall (ratio of badness to the tuned baselines; docs/results.md explains):")
-    print("\n".join(overall_table(rows)))
+    _print_tables(out)
     for note in notes:
         print(f"note: {note}")
     print(f"\nreport: {report}\nresults: {out / 'results.json'}, {out / 'results.csv'}")
@@ -199,26 +299,59 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """The main job: the default suite, tables, report and plots."""
     from metaoptimize.bench.suite import DEFAULT_TASKS, compare_configs
 
-    tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+    if args.tasks is None:
+        tasks = DEFAULT_TASKS
+    else:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not tasks:
+            raise UsageError("--tasks is empty; name at least one task (see 'metaoptimize list')")
     for task in tasks:
         _check_task(task, args.data_dir)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
     horizons = _horizons(args.horizons)
-    out = _out_dir(args.out, time.strftime("%Y%m%d-%H%M%S"))
+    identity = {
+        "tasks": list(tasks),
+        "seeds": seeds,
+        "quick": args.quick,
+        "horizons": list(horizons),
+        "data_dir": args.data_dir,
+    }
+    out = Path(args.out) if args.out else _latest_unfinished_compare(identity)
     configs = compare_configs(tasks, seeds, args.quick, args.data_dir, horizons)
-    print(
-        f"running {len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
-        file=sys.stderr,
-    )
-    if args.quick:
-        print(f"note: {QUICK_NOTE}", file=sys.stderr)
-    outcomes, notes = _execute(configs, out, args.jobs, "compare")
-    if args.quick:
-        notes = [QUICK_NOTE, *notes]
-    _finish(out, args.command_line, notes, not args.no_plots)
+    with _claim(out):
+        (out / _COMPARE_ID).write_text(json.dumps(identity))
+        print(
+            f"{len(configs)} runs ({len(tasks)} tasks x {seeds} seed(s)) into {out}",
+            file=sys.stderr,
+        )
+        if args.quick:
+            print(f"note: {QUICK_NOTE}", file=sys.stderr)
+        outcomes, notes = _execute(configs, out, args.jobs, "compare")
+        if args.quick:
+            notes = [QUICK_NOTE, *notes]
+        _finish(out, args.command_line, notes, not args.no_plots)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+_COMPARE_ID = "compare.json"
+
+
+def _latest_unfinished_compare(identity: dict[str, Any]) -> Path:
+    """Where a ``compare`` without ``--out`` writes.
+
+    The latest folder under ``runs/`` that the same suite left unfinished (no report yet),
+    else a new timestamped one.
+    """
+    for folder in sorted(Path("runs").glob("compare-*"), reverse=True):
+        saved = folder / _COMPARE_ID
+        if (folder / "report.md").exists() or not saved.is_file():
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(saved.read_text()) == identity:
+                return folder
+    return Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -227,7 +360,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     options = parse_set(args.set)
     _check_task(args.task, args.data_dir)
-    _check_optimizer(args.optimizer, options)
+    _check_optimizer(args.optimizer, options, (args.value,))
     config = RunConfig(
         args.task,
         args.optimizer,
@@ -239,7 +372,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.data_dir,
     )
     out = _out_dir(args.out, "single")
-    outcomes, _ = _execute([config], out, 1, "run")
+    with _claim(out):
+        outcomes, _ = _execute([config], out, 1, "run")
     outcome = outcomes[0]
     if outcome.record is None:
         print(f"{outcome.status}: {outcome.message}", file=sys.stderr)
@@ -271,6 +405,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.values
         else sweep_values(args.task, args.optimizer, args.quick)
     )
+    _check_optimizer(args.optimizer, options, values)
     seeds = _seeds(args.seeds)
     out = _out_dir(args.out, f"sweep-{args.task}-{args.optimizer.replace(':', '_')}")
     configs = [
@@ -280,8 +415,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for value in values
         for seed in seeds
     ]
-    outcomes, notes = _execute(configs, out, args.jobs, "sweep")
-    _finish(out, args.command_line, notes, not args.no_plots)
+    with _claim(out):
+        outcomes, notes = _execute(configs, out, args.jobs, "sweep")
+        _finish(out, args.command_line, notes, not args.no_plots)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
@@ -349,15 +485,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild results.json, results.csv and report.md of a run directory."""
-    from metaoptimize.bench.report import (
-        aggregate,
-        load_records,
-        overall_table,
-        summarize,
-        task_label,
-        text_table,
-        write_report,
-    )
+    from metaoptimize.bench.report import load_records, task_label, write_report
     from metaoptimize.plotting import existing_plots
 
     run_dir = _existing_run_dir(args.run_dir)
@@ -371,9 +499,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         command = saved.get("command") or command
         notes = saved.get("notes")
     report = write_report(run_dir, command, notes, plots)
-    rows = aggregate(load_records(run_dir))
-    print(text_table(summarize(rows)))
-    print("\n".join(["", "overall:", *overall_table(rows)]))
+    _print_tables(run_dir)
     print(f"\nreport: {report}")
     return 0
 
@@ -386,70 +512,114 @@ def _build_parser() -> _Parser:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            formatter_class=_HelpFormatter,
+        )
+
     def common(sub: argparse.ArgumentParser, jobs: bool = True) -> None:
-        sub.add_argument("--out", help="output directory")
+        sub.add_argument(
+            "--out",
+            help="output directory; a rerun into it skips every finished run "
+            "(default: under runs/)",
+        )
         sub.add_argument("--data-dir", help="folder with real data (cifar10, tinystories)")
-        sub.add_argument("--quick", action="store_true", help="small step budgets")
+        sub.add_argument(
+            "--quick",
+            action="store_true",
+            help="small step budgets: a smoke test of the code path, not a quality result",
+        )
         if jobs:
-            sub.add_argument(
-                "--jobs",
-                type=int,
-                default=_default_jobs(),
-                help="worker processes (default: up to 2)",
-            )
+            sub.add_argument("--jobs", type=int, default=_default_jobs(), help="worker processes")
             sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
-    compare = commands.add_parser("compare", help="run the default suite (the main job)")
+    def optimizer_settings(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--task", required=True, help="task name (see 'metaoptimize list')")
+        sub.add_argument(
+            "--optimizer", required=True, help="optimizer name (see 'metaoptimize list')"
+        )
+        sub.add_argument(
+            "--steps", type=_positive_int, help="optimizer steps (default: the task's length)"
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="optimizer keyword argument, repeatable, e.g. --set meta_lr=0.003",
+        )
+
+    compare = command(
+        "compare",
+        "run the default suite (the main job)",
+        "Every task of the suite with MetaOptimize at its defaults (swept over alpha0 for the "
+        "robustness view), tuned AdamW grids and the learning-rate-free baselines; writes "
+        "report.md, results.json/csv and plots. Without --out, a rerun of the same command "
+        "resumes the latest unfinished run.",
+    )
     compare.add_argument("--tasks", help="comma-separated task names (default: the suite)")
     compare.add_argument(
-        "--seeds", type=int, help="seeds per configuration (default 2; 1 with --quick)"
+        "--seeds", type=int, help="seeds per configuration (default: 2; 1 with --quick)"
     )
     compare.add_argument(
         "--horizons",
         default="1",
-        help="comma-separated multiples of each task's length, e.g. 1,5 (default 1)",
+        help="comma-separated multiples of each task's length, e.g. 1,5",
     )
     common(compare)
     compare.set_defaults(handler=cmd_compare)
 
-    run = commands.add_parser("run", help="one task with one optimizer")
-    run.add_argument("--task", required=True)
-    run.add_argument("--optimizer", required=True)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--steps", type=int)
-    run.add_argument("--value", type=float, help="lr (baselines) or alpha0 (MetaOptimize)")
+    run = command(
+        "run",
+        "one task with one optimizer",
+        "One run; prints the metric, time per step and the learned step sizes.",
+    )
+    optimizer_settings(run)
+    run.add_argument("--seed", type=int, default=0, help="seed for data and initialisation")
     run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="optimizer keyword argument, e.g. --set meta_lr=0.003",
+        "--value",
+        type=float,
+        help="lr (baselines) or alpha0 (MetaOptimize) (default: the optimizer's)",
     )
     common(run, jobs=False)
     run.set_defaults(handler=cmd_run)
 
-    sweep = commands.add_parser("sweep", help="grid over lr or alpha0 and seeds (resumable)")
-    sweep.add_argument("--task", required=True)
-    sweep.add_argument("--optimizer", required=True)
-    sweep.add_argument("--values", help="comma-separated lr or alpha0 values")
+    sweep = command(
+        "sweep",
+        "grid over lr or alpha0 and seeds (resumable)",
+        "A grid over the optimizer's lr (baselines) or alpha0 (MetaOptimize) and seeds.",
+    )
+    optimizer_settings(sweep)
+    sweep.add_argument(
+        "--values", help="comma-separated lr or alpha0 values (default: the task's grid)"
+    )
     sweep.add_argument("--seeds", default="2", help="a count or a comma-separated list")
-    sweep.add_argument("--steps", type=int)
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     common(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
-    listing = commands.add_parser("list", help="tasks, optimizers and presets")
+    listing = command("list", "tasks, optimizers and presets", "List what can be run.")
     listing.add_argument(
-        "what", nargs="?", default="all", choices=["all", "tasks", "optimizers", "presets"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "tasks", "optimizers", "presets"],
+        help="what to list",
     )
     listing.set_defaults(handler=cmd_list)
 
-    plot = commands.add_parser("plot", help="redraw plots of a run directory")
-    plot.add_argument("run_dir")
+    plot = command("plot", "redraw plots of a run directory", "Redraw the PNG plots.")
+    plot.add_argument("run_dir", help="a directory written by compare, run or sweep")
     plot.set_defaults(handler=cmd_plot)
 
-    report = commands.add_parser("report", help="rebuild tables and report of a run directory")
-    report.add_argument("run_dir")
+    report = command(
+        "report",
+        "rebuild tables and report of a run directory",
+        "Rebuild results.json, results.csv and report.md from the stored runs.",
+    )
+    report.add_argument("run_dir", help="a directory written by compare, run or sweep")
     report.set_defaults(handler=cmd_report)
     return parser
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metaoptimize.bench.optimizers import OPTIMIZERS
+from metaoptimize.bench.runner import read_record
 from metaoptimize.bench.tasks import TASKS
 
 __all__ = ["Row", "aggregate", "load_records", "summarize", "write_report"]
@@ -55,8 +56,9 @@ class Row:
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every ``result.json`` under ``run_dir/runs``."""
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("**/result.json"))]
+    """Every readable ``result.json`` under ``run_dir/runs`` (unreadable ones are warned of)."""
+    paths = sorted((run_dir / "runs").glob("**/result.json"))
+    return [record for record in map(read_record, paths) if record is not None]
 
 
 def task_label(config: dict[str, Any]) -> str:
@@ -165,6 +167,7 @@ def overall(rows: list[Row]) -> list[dict[str, Any]]:
     """
     summary = summarize(rows)
     per_method: dict[str, dict[str, float]] = defaultdict(dict)
+    step_time: dict[str, list[float]] = defaultdict(list)
     ranks: dict[str, list[int]] = defaultdict(list)
     references: dict[str, dict[str, float]] = {}
     for task, entries in summary.items():
@@ -175,12 +178,14 @@ def overall(rows: list[Row]) -> list[dict[str, Any]]:
             if name in ("adamw", "adamw-cosine")
         }
         references[task] = reference
+        adamw_time = by_name["adamw"]["time_per_step_ms"] if "adamw" in by_name else math.nan
         for rank, entry in enumerate(entries, start=1):
             name = entry["optimizer"]
             per_method[name][task] = _badness(
                 task, entry["mean"], entry["higher_is_better"], entry["start"]
             )
             ranks[name].append(rank)
+            step_time[name].append(entry["time_per_step_ms"] / adamw_time)
         swept = [r for r in rows if r.task == task and r.optimizer == "metaoptimize"]
         if len(swept) > 1:
             worst = max(_badness(task, r.mean, r.higher_is_better, r.start) for r in swept)
@@ -198,6 +203,8 @@ def overall(rows: list[Row]) -> list[dict[str, Any]]:
             line[f"median vs {ref}"] = statistics.median(ratios) if ratios else math.nan
             line[f"within 1.1x of {ref}"] = sum(r <= 1.1 for r in ratios)
         line["mean rank"] = statistics.fmean(ranks[name]) if ranks.get(name) else math.nan
+        times = [t for t in step_time.get(name, []) if not math.isnan(t)]
+        line["step time vs adamw"] = statistics.median(times) if times else math.nan
         table.append(line)
     table.sort(key=lambda line: line["median vs adamw"])
     return table
@@ -208,18 +215,43 @@ def overall_table(rows: list[Row]) -> list[str]:
     lines = [
         (
             "| optimizer | tasks | worst / median vs tuned AdamW | within 1.1x | "
-            "worst / median vs tuned cosine | within 1.1x | mean rank |"
+            "worst / median vs tuned cosine | within 1.1x | mean rank | step time vs AdamW |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for line in overall(rows):
         rank = "-" if math.isnan(line["mean rank"]) else f"{line['mean rank']:.1f}"
+        time = line["step time vs adamw"]
+        time_text = "-" if math.isnan(time) else f"{time:.2f}x"
         lines.append(
             f"| {line['optimizer']} | {line['tasks']} | {line['worst vs adamw']:.2f} / "
             f"{line['median vs adamw']:.2f} | {line['within 1.1x of adamw']} | "
             f"{line['worst vs adamw-cosine']:.2f} / {line['median vs adamw-cosine']:.2f} | "
-            f"{line['within 1.1x of adamw-cosine']} | {rank} |"
+            f"{line['within 1.1x of adamw-cosine']} | {rank} | {time_text} |"
         )
+    return lines
+
+
+def task_verdicts(summary: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per task: the winner, and where the default MetaOptimize stands."""
+    lines = []
+    for task, entries in summary.items():
+        best = entries[0]
+        text = f"{task}: best {best['optimizer']} ({_format_metric(best)})"
+        names = [e["optimizer"] for e in entries]
+        if "metaoptimize" in names and best["optimizer"] != "metaoptimize":
+            rank = names.index("metaoptimize")
+            ours = entries[rank]
+            text += f"; metaoptimize {_format_metric(ours)}, rank {rank + 1} of {len(entries)}"
+            if "adamw" in names:
+                adamw = entries[names.index("adamw")]
+                reference = _badness(task, adamw["mean"], adamw["higher_is_better"], adamw["start"])
+                mine = _badness(task, ours["mean"], ours["higher_is_better"], ours["start"])
+                if reference > 0 and math.isfinite(reference):
+                    text += f", {mine / reference:.2f}x the tuned AdamW's badness"
+        elif best["optimizer"] == "metaoptimize":
+            text += f"; metaoptimize wins, of {len(entries)}"
+        lines.append(text)
     return lines
 
 
@@ -243,6 +275,7 @@ def text_table(summary: dict[str, list[dict[str, Any]]]) -> str:
         metric = entries[0]["metric_name"]
         better = "higher" if entries[0]["higher_is_better"] else "lower"
         lines.append(f"\n{task}: {metric} ({better} is better)")
+        lines.append(f"  {'optimizer':<26} {'metric':<24} {'setting':<28} {'time/step':>15}")
         lines.extend(
             f"  {entry['optimizer']:<26} {_format_metric(entry):<24} "
             f"{entry['setting']:<28} {entry['time_per_step_ms']:7.2f} ms/step"
@@ -305,7 +338,32 @@ def write_report(
         for row in rows:
             writer.writerow(asdict(row))
 
+    quick = any(r["config"].get("quick") for r in records)
     lines = ["# MetaOptimize benchmark report", ""]
+    if quick:
+        lines += [
+            (
+                "**Smoke test (`--quick`)**: too few steps per task for a learned step size to "
+                "settle; the ranking below says nothing about quality. See docs/results.md for "
+                "the full run."
+            ),
+            "",
+        ]
+    lines += [
+        "## Summary",
+        "",
+        (
+            "Ratio of each method's badness (error rate, loss or MSE; 1/digits gained on "
+            "`quadratic`) to that of the tuned fixed-lr AdamW and the tuned warm-up + cosine "
+            "AdamW, over tasks (1.0 = as good; diverged = inf); mean rank among the methods "
+            "of each task's table; median time per training step relative to AdamW's."
+        ),
+        "",
+        *overall_table(rows),
+        "",
+        *[f"- {line}" for line in task_verdicts(summary)],
+        "",
+    ]
     if command:
         lines += ["Produced by:", "", "```bash", command, "```", ""]
     if versions:
@@ -313,22 +371,10 @@ def write_report(
     lines += [
         (
             "Each cell is the mean ± std over seeds of the task's metric at the end of "
-            "training. Fixed-lr and scheduled baselines show the best value of their grid "
+            "training (mean only with one seed). Fixed-lr and scheduled baselines show the best value of their grid "
             "and how many runs that grid cost; MetaOptimize rows are untuned (default "
             "alpha0); learning-rate-free baselines run at their defaults."
         ),
-        "",
-    ]
-    lines += [
-        "## Overall",
-        "",
-        (
-            "Ratio of each method's badness (error rate, loss or MSE; 1/digits gained on `quadratic`) to "
-            "that of the tuned fixed-lr AdamW and the tuned warm-up + cosine AdamW, over tasks "
-            "(1.0 = as good; diverged = inf). Mean rank among the methods of each task's table."
-        ),
-        "",
-        *overall_table(rows),
         "",
     ]
     for task, entries in summary.items():

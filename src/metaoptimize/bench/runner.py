@@ -14,10 +14,12 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from multiprocessing import get_context
@@ -31,7 +33,15 @@ from metaoptimize.bench.optimizers import MissingDependency, get_optimizer
 from metaoptimize.bench.tasks import get_task
 from metaoptimize.optimizer import MetaOptimize
 
-__all__ = ["RunConfig", "RunOutcome", "blew_up_curve", "execute", "run_one"]
+__all__ = [
+    "RunConfig",
+    "RunOutcome",
+    "blew_up_curve",
+    "execute",
+    "read_record",
+    "run_one",
+    "stored_record",
+]
 
 _OPTIONAL_PACKAGES = (
     "prodigyopt",
@@ -264,10 +274,34 @@ def _identity(loss: torch.Tensor) -> torch.Tensor:
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``path`` whole or not at all.
+
+    The temporary name is unique to this writer, so two processes writing into one folder
+    never share it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record stored at ``path``, or None with a warning naming the file.
+
+    An empty or corrupted file must not block reports or reruns.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        warnings.warn(f"ignoring unreadable {path}: {error}", stacklevel=2)
+        return None
+    if not isinstance(record, dict) or "config" not in record or "metric" not in record:
+        warnings.warn(f"ignoring {path}: not a run record", stacklevel=2)
+        return None
+    return record
 
 
 def result_path(out_dir: Path, config: RunConfig) -> Path:
@@ -288,6 +322,9 @@ def _run_and_store(config: RunConfig, out_dir: str) -> RunOutcome:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # small models: one thread per worker process is fastest
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it (it
+    # terminates the workers), so no worker dies with a traceback mid-run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def execute(
@@ -299,15 +336,16 @@ def execute(
     """Run ``configs``, skipping those already stored under ``out_dir``.
 
     Runs go to ``jobs`` worker processes (in this process when ``jobs`` is 1). Each finished
-    run is written as soon as it ends; on KeyboardInterrupt pending runs are cancelled and the
+    run is written atomically as soon as it ends; a stored record that cannot be read is
+    reported and run again. On KeyboardInterrupt the workers are terminated at once and the
     exception propagates, with every finished run kept.
     """
     outcomes: list[RunOutcome] = []
     pending: list[RunConfig] = []
     for config in configs:
-        path = result_path(out_dir, config)
-        if path.is_file():
-            outcomes.append(RunOutcome(config, "cached", json.loads(path.read_text())))
+        record = stored_record(out_dir, config)
+        if record is not None:
+            outcomes.append(RunOutcome(config, "cached", record))
         else:
             pending.append(config)
     for outcome in outcomes:
@@ -320,23 +358,30 @@ def execute(
     return outcomes
 
 
+def stored_record(out_dir: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The finished record of ``config`` under ``out_dir``, if one is stored and readable."""
+    path = result_path(out_dir, config)
+    return read_record(path) if path.is_file() else None
+
+
+def _run_and_store_star(arguments: tuple[RunConfig, str]) -> RunOutcome:
+    return _run_and_store(*arguments)
+
+
 def _dispatch(configs: list[RunConfig], out_dir: str, jobs: int) -> Iterator[RunOutcome]:
     if jobs <= 1 or len(configs) <= 1:
         for config in configs:
             yield _run_and_store(config, out_dir)
         return
-    executor = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker
-    )
+    # multiprocessing.Pool rather than ProcessPoolExecutor: terminate() stops running workers
+    # at once, where the executor lets every started run finish (tens of seconds).
+    pool = get_context("spawn").Pool(min(jobs, len(configs)), initializer=_init_worker)
     try:
-        futures: set[Future[RunOutcome]] = {
-            executor.submit(_run_and_store, c, out_dir) for c in configs
-        }
-        while futures:
-            done, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+        work = [(config, out_dir) for config in configs]
+        yield from pool.imap_unordered(_run_and_store_star, work, chunksize=1)
     except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
+        pool.terminate()
+        pool.join()
         raise
-    executor.shutdown()
+    pool.close()
+    pool.join()
