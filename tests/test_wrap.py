@@ -123,12 +123,13 @@ def test_wrapper_resumes_exactly_and_composes_with_schedulers() -> None:
 
 def test_wrapping_an_unknown_optimizer_trains() -> None:
     model = TinyNet()
-    opt = wrap(
-        torch.optim.Adagrad(model.parameters(), lr=0.05, weight_decay=0.01),
-        meta="lion",
-        meta_lr=0.02,
-        blocks="tensor",
-    )
+    with pytest.warns(UserWarning, match=r"trace is approximate for Adagrad"):
+        opt = wrap(
+            torch.optim.Adagrad(model.parameters(), lr=0.05, weight_decay=0.01),
+            meta="lion",
+            meta_lr=0.02,
+            blocks="tensor",
+        )
     train(model, opt, batches(20))
     sizes = flat_step_sizes(opt)
     assert torch.isfinite(sizes).all()
@@ -251,3 +252,37 @@ def test_wrap_refuses_complex_parameters() -> None:
     complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
     with pytest.raises(TypeError, match=r"complex"):
         wrap(torch.optim.Adam([complex_param]))
+
+
+@pytest.mark.parametrize(
+    ("make", "exact"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), True),
+        (lambda p: torch.optim.Adam(p, lr=0.1), True),
+        (lambda p: torch.optim.AdamW(p, lr=0.1), True),
+        (lambda p: torch.optim.RMSprop(p, lr=0.1, centered=True), True),
+        (lambda p: torch.optim.Adam(p, lr=0.1, amsgrad=True), False),
+        (lambda p: torch.optim.NAdam(p, lr=0.1), False),
+        (lambda p: torch.optim.RAdam(p, lr=0.1), False),
+        (lambda p: torch.optim.Rprop(p, lr=0.1), False),
+        (lambda p: torch.optim.Adadelta(p, lr=0.1), False),
+        (lambda p: torch.optim.LBFGS(p, lr=0.1), False),
+    ],
+)
+def test_wrap_warns_when_it_cannot_reproduce_the_inner_update_exactly(
+    make: Any, exact: bool
+) -> None:
+    inner = make([torch.zeros(2, requires_grad=True)])
+    if exact:
+        wrap(inner)  # filterwarnings=error: any warning fails
+    else:
+        with pytest.warns(UserWarning, match=rf"approximate for {type(inner).__name__}"):
+            wrap(inner)
+
+
+def test_monitor_reads_a_wrapped_optimizer() -> None:
+    from metaoptimize.monitor import step_size_scalars
+
+    weights = torch.zeros(3, requires_grad=True)
+    wrapped = wrap(torch.optim.Adam([weights], lr=1e-3))
+    assert step_size_scalars(wrapped) == {"step_size/all": pytest.approx(1e-3)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from metaoptimize.optimizer import MetaOptimize
+from metaoptimize.wrap import MetaOptimizeWrapper
 
 __all__ = ["log_step_sizes", "step_size_scalars"]
 
@@ -30,17 +31,19 @@ class ScalarWriter(Protocol):
 def step_size_scalars(optimizer: Any, prefix: str = "step_size/") -> dict[str, float]:
     """Learned step sizes as plain floats, one per block.
 
-    Accepts a :class:`MetaOptimize` or a wrapper that holds one as ``.optimizer`` (Accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``). Per-weight step sizes are
+    Accepts a :class:`MetaOptimize`, a :func:`~metaoptimize.wrap` wrapper, or a wrapper that
+    holds either as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``). Per-weight step sizes are
     summarised by their geometric mean. The group ``lr`` multiplier is not included.
 
     Raises:
         TypeError: no MetaOptimize inside ``optimizer``.
     """
+    learned = (MetaOptimize, MetaOptimizeWrapper)
     inner = optimizer
-    while not isinstance(inner, MetaOptimize) and hasattr(inner, "optimizer"):
+    while not isinstance(inner, learned) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
-    if not isinstance(inner, MetaOptimize):
+    if not isinstance(inner, learned):
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} holds no MetaOptimize")
     scalars = {}
     for name, value in inner.step_sizes().items():

@@ -13,6 +13,11 @@ get the exact Hessian-free factor of docs/math.md §4, read from the inner optim
 Any other optimizer gets ``1 - α κ`` when its group has a ``weight_decay`` (the decoupled form),
 and 1 otherwise: an approximation, documented in docs/math.md §10.
 
+Exact for: torch.optim.SGD (with or without momentum and Nesterov), Adam and AdamW (without
+amsgrad) and RMSprop (any options). Any other optimizer (Adagrad, Adadelta, Adamax, NAdam, RAdam,
+Rprop, ASGD, LBFGS, SparseAdam, third-party rules) is wrapped with a warning that its trace is
+approximate (docs/math.md §10).
+
 Limits: the inner step cannot be skipped without a host synchronisation, so on a non-finite
 meta-gradient the wrapper keeps the step sizes, meta state and trace unchanged but the inner
 optimizer still steps (use a GradScaler for overflow). The wrapper keeps one copy of the
@@ -22,6 +27,7 @@ weights during the step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +41,19 @@ from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
 
-__all__ = ["MetaOptimizeWrapper", "wrap"]
+__all__ = ["MetaOptimizeWrapper", "reproduced_exactly", "wrap"]
+
+
+def reproduced_exactly(optimizer: Optimizer) -> bool:
+    """Whether wrap() is exactly MetaOptimize for ``optimizer``.
+
+    It is where the update is linear in the lr and the trace's decay factor is known
+    (docs/math.md §10).
+    """
+    exact = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+    if type(optimizer) not in exact:
+        return False
+    return not any(g.get("amsgrad", False) for g in optimizer.param_groups)
 
 
 def _l2_slope(
@@ -105,6 +123,13 @@ class MetaOptimizeWrapper(Optimizer):
                 f"Invalid optimizer: {type(optimizer).__name__}; expected a torch.optim.Optimizer"
             )
         gamma = check_range(gamma, "gamma", 0.0, 1.0)
+        if not reproduced_exactly(optimizer):
+            warnings.warn(
+                f"wrap(): the trace is approximate for {type(optimizer).__name__}; wrap() is "
+                "exact for torch.optim SGD, Adam, AdamW (without amsgrad) and RMSprop "
+                "(docs/math.md §10)",
+                stacklevel=3,
+            )
         # Any optimizer can be wrapped, so the range is wide: it only keeps α off 0 and ∞.
         self._low, self._high = log_bounds(alpha_min, alpha_max, WRAP_ALPHA_RANGE)
         self.inner = optimizer
