@@ -33,15 +33,7 @@ def main() -> None:
     model = DistributedDataParallel(
         nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1)).to(device)
     )
-    opt = MetaOptimize(
-        model.parameters(),
-        base="adamw",
-        meta="lion",
-        alpha0=1e-4,
-        meta_lr=1e-2,
-        gamma=0.99,
-        weight_decay=0.01,
-    )
+    opt = MetaOptimize(model.parameters(), weight_decay=0.01)  # the tuning-free defaults
     target = torch.randn(32, 1, generator=torch.Generator().manual_seed(1)).to(device)
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     for step in range(1, args.steps + 1):

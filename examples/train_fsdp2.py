@@ -35,16 +35,8 @@ def build(mesh: object) -> tuple[nn.Module, MetaOptimize]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = MetaOptimize(
-        model.named_parameters(),
-        base="adamw",
-        meta="lion",
-        alpha0=1e-4,
-        meta_lr=1e-2,
-        gamma=0.99,
-        weight_decay=0.01,
-        blocks="tensor",
-    )
+    # The tuning-free defaults, one learned step size per tensor.
+    opt = MetaOptimize(model.named_parameters(), weight_decay=0.01, blocks="tensor")
     return model, opt
 
 
