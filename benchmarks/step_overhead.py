@@ -1,7 +1,7 @@
 """Optimizer-step and training-step time and memory: torch AdamW against MetaOptimize.
 
     python benchmarks/step_overhead.py [--device cpu|cuda] [--model mlp|many-tensors]
-        [--repeats 30] [--only SUBSTRING] [--json out.json]
+        [--repeats 30] [--only SUBSTRING|SUBSTRING] [--json out.json]
 
 CPU: a 6.3M-parameter MLP (three 2M-weight layers), or with ``--model many-tensors`` a
 0.6M-parameter transformer with 150 parameter tensors (GPT-2's tensor count at a small width,
@@ -100,6 +100,11 @@ def gpt2_model(device: torch.device) -> tuple[nn.Module, Callable[[nn.Module], t
     return model, loss
 
 
+def _device_scalars(optimizer: MetaOptimize) -> MetaOptimize:
+    optimizer._device_scalars = True
+    return optimizer
+
+
 def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Optimizer]]:
     table: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
         "torch AdamW (for-loop)": lambda p: torch.optim.AdamW(p, lr=1e-4, foreach=False),
@@ -109,6 +114,10 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
         table["torch AdamW (fused)"] = lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True)
     # What a user gets with no argument but the weight decay (the "auto" meta rule).
     table["MetaOptimize(defaults)"] = lambda p: MetaOptimize(p, weight_decay=0.01)
+    if device.type == "cpu":  # the sync-free path CUDA takes, forced on CPU for comparison
+        table["MetaOptimize(defaults, device scalars)"] = lambda p: _device_scalars(
+            MetaOptimize(p, weight_decay=0.01)
+        )
     for base in ("adamw", "lion", "adam", "sgdm", "rmsprop", "sgd"):
         table[f"MetaOptimize({base}, lion, scalar)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01
@@ -225,14 +234,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=("mlp", "many-tensors"), default="mlp")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--only", help="substring filter on optimizer names")
+    parser.add_argument(
+        "--only", help="substring filter on optimizer names; '|' separates alternatives"
+    )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [
         measure(name, build, device, args.repeats, args.model)
         for name, build in optimizers(device).items()
-        if not args.only or args.only in name or name.startswith("torch AdamW")
+        if not args.only
+        or any(part in name for part in args.only.split("|"))
+        or name.startswith("torch AdamW")
     ]
     baseline = min(r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW"))
     train_baseline = min(

@@ -50,3 +50,32 @@ def test_fast_path_equals_reference(case: Case) -> None:
         moved |= bool((fast_sizes - 0.02).abs().max() > 1e-6)
     # The comparison is only meaningful if the meta rule actually moved the step sizes.
     assert moved == (case.meta != "fixed")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_device_scalar_path_equals_the_host_scalar_path(case: Case) -> None:
+    """On CPU the per-tensor kernel takes Python scalars and skips a non-finite step on the
+    host; CUDA keeps the sync-free device-scalar path. Forced on CPU, it must agree, skipped
+    step included (the reference test above checks the host path)."""
+    host_model = TinyNet()
+    device_model = clone_model(host_model)
+    host = MetaOptimize(_groups(host_model), blocks=_blocks(case, host_model), **case.kwargs())
+    device = MetaOptimize(
+        _groups(device_model), blocks=_blocks(case, device_model), **case.kwargs()
+    )
+    device._device_scalars = True
+    for step, batch in enumerate(batches(12)):
+        for model, opt in ((host_model, host), (device_model, device)):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            if step == 5:
+                model.out.bias.grad[0] = float("nan")
+            opt.step()
+        for p_host, p_device in zip(
+            host_model.parameters(), device_model.parameters(), strict=True
+        ):
+            torch.testing.assert_close(p_host, p_device, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            flat_step_sizes(host), flat_step_sizes(device), rtol=1e-12, atol=1e-15
+        )
+    assert host.skipped_step_count == device.skipped_step_count == 1

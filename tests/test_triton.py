@@ -46,6 +46,9 @@ def _train(kwargs: dict[str, Any], **options: Any) -> tuple[TinyNet, MetaOptimiz
     ]
     settings = {"alpha0": 0.01, "meta_lr": 0.5 if kwargs["meta"] == "sgd" else 0.05, **kwargs}
     opt = MetaOptimize(groups, **settings, **options)
+    # The Triton kernels run on CUDA, where step() keeps every scalar on the device and a
+    # skipped step reaches the kernel with ok = 0: the same here, in the interpreter.
+    opt._device_scalars = bool(options.get("fused"))
     for step, batch in enumerate(batches(10)):
         model.zero_grad(set_to_none=True)
         loss_fn(model, batch).backward()

@@ -37,9 +37,9 @@ def parameter_step(
     grad: Tensor,
     state: dict[str, Tensor],
     group: dict[str, Any],
-    finite: Tensor,
-    ok: Tensor,
-    alpha: Tensor,
+    finite: Tensor | bool,
+    ok: Tensor | float,
+    alpha: Tensor | float,
     with_trace: bool,
     decoupled: bool,
 ) -> None:
@@ -51,34 +51,44 @@ def parameter_step(
         grad: the gradient, in the state dtype.
         state: the parameter's optimizer state.
         group: its param group.
-        finite: 0-d bool, False on a step that is skipped.
-        ok: ``finite`` as 0.0/1.0 in the state dtype.
-        alpha: effective step size ``lr * exp(β) * ok`` (0-d, or parameter-shaped).
+        finite: 0-d bool, False on a step that is skipped; or the Python ``True`` (host
+            scalars: the optimizer skips a non-finite step before it gets here).
+        ok: ``finite`` as 0.0/1.0 in the state dtype (the float 1.0 with host scalars).
+        alpha: effective step size ``lr * exp(β) * ok`` (0-d, parameter-shaped, or a float).
         with_trace: whether the meta rule is active (the trace exists).
         decoupled: whether weight decay is decoupled for this rule and group.
     """
-    grad = torch.where(finite, grad, 0.0)
+    if isinstance(finite, Tensor):
+        grad = torch.where(finite, grad, 0.0)
     u, slope = rule.direction(param, grad, state, group, ok)
+    # A direction that is neither the gradient nor a state tensor is a temporary of the rule:
+    # the update is built in it rather than in a new allocation.
+    own = u is not grad and all(u is not value for value in state.values())
     kappa = group["weight_decay"]  # a float, or a 0-d tensor when it is learned
     if decoupled and isinstance(kappa, Tensor):
         delta = (u + kappa * param.to(u.dtype)).mul_(-alpha)
     elif decoupled and kappa:
-        delta = u.add(param.to(u.dtype), alpha=kappa).mul_(-alpha)
+        delta = (u.add_ if own else u.add)(param.to(u.dtype), alpha=kappa).mul_(-alpha)
     else:
-        delta = u * (-alpha)
+        delta = u.mul_(-alpha) if own else u * (-alpha)
     if with_trace:
         trace = state["trace"]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
         if has_decay(kappa):
             # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
             slope_w = 1.0 if decoupled else cast(Tensor, slope)
-            decay = 1.0 - alpha * kappa * slope_w
-            if "wd_trace" in state:
-                # Trace of the log weight decay θ: ∂w_{t+1}/∂θ_t = -α κ s w (math.md §12).
-                state["wd_trace"].mul_(gamma * decay).add_(
-                    -(alpha * kappa) * slope_w * param.to(trace.dtype)
-                )
-            trace.mul_(gamma * decay)
+            scalars = not any(isinstance(v, Tensor) for v in (alpha, kappa, gamma))
+            if scalars and isinstance(slope_w, Tensor) and "wd_trace" not in state:
+                # Host scalars: γ(1 - α κ s) built in the rule's slope temporary.
+                trace.mul_(slope_w.mul_(-alpha * kappa * gamma).add_(gamma))
+            else:
+                decay = 1.0 - alpha * kappa * slope_w
+                if "wd_trace" in state:
+                    # Trace of the log weight decay θ: ∂w_{t+1}/∂θ_t = -α κ s w (math.md §12).
+                    state["wd_trace"].mul_(gamma * decay).add_(
+                        -(alpha * kappa) * slope_w * param.to(trace.dtype)
+                    )
+                trace.mul_(gamma * decay)
         else:
             trace.mul_(gamma)
         trace.add_(delta)

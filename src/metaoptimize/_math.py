@@ -46,8 +46,11 @@ def ema_square_(average: Tensor, value: Tensor, weight: Tensor | float) -> Tenso
 
     An ``x²`` that overflows saturates ``a`` at ``inf`` (the step it divides then goes to 0),
     where ``lerp`` would turn the next step's ``inf - inf`` into NaN; ``(w x) x`` keeps
-    ``w = 0`` (a skipped step) exact even when ``x²`` alone would overflow.
+    ``w = 0`` (a skipped step) exact even when ``x²`` alone would overflow. A Python float
+    ``w`` (host scalars: never a skipped step) takes torch.optim's exact form.
     """
+    if isinstance(weight, float):
+        return average.mul_(1.0 - weight).addcmul_(value, value, value=weight)
     return average.mul_(1.0 - weight).addcmul_(value * weight, value)
 
 

@@ -12,10 +12,16 @@ of the trace is ``∂w_{t+1}/∂w_t = 1 - α κ ∂u/∂g̃`` (docs/math.md, sec
 Every rule takes ``ok``, a 0-d tensor equal to 1.0 on a normal step and 0.0 on a step whose
 gradient was not finite; with ``ok = 0`` the state is left exactly as it was. This is how the
 non-finite guard works without a host synchronisation.
+
+On CPU the optimizer passes ``ok`` as the Python float 1.0 instead (a skipped step never
+reaches the rules there: reading a CPU tensor is not a device synchronisation). The rules then
+take their per-step constants (bias corrections) as Python floats too, which lets torch use
+its scalar kernels: division by a 0-d tensor costs twice a multiplication on CPU.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -26,8 +32,9 @@ from metaoptimize._math import ema_square_, sqrt
 __all__ = ["BASE_RULES", "BaseRule", "get_base_rule"]
 
 Group = dict[str, Any]
-# The trace's slope ∂u/∂g̃: a tensor (elementwise), a 0-d tensor, or None (decoupled decay).
-Slope = Tensor | None
+# The trace's slope ∂u/∂g̃: a tensor (elementwise), a 0-d tensor or a float (host scalars), or
+# None (decoupled decay).
+Slope = Tensor | float | None
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -43,22 +50,55 @@ def _safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 def rmsprop_l2_slope(
-    g: Tensor, centred_g: Tensor, rms: Tensor, denom: Tensor, smoothing: float
+    g: Tensor,
+    centred_g: Tensor,
+    rms: Tensor,
+    denom: Tensor,
+    smoothing: float,
+    *,
+    host: bool = False,
 ) -> Tensor:
     """∂u/∂g̃ of RMSProp, u = g̃/(s+ε), s = sqrt(v - ḡ²): docs/math.md §4."""
+    if host:
+        return _lean_slope(g, centred_g, 1.0 - smoothing, rms, denom, 1.0)
     return 1.0 / denom - _safe_div((1.0 - smoothing) * g * centred_g, rms * denom * denom)
 
 
 def adam_l2_slope(
-    g: Tensor, m_hat: Tensor, rms: Tensor, denom: Tensor, c1: Tensor | float, c2: Tensor | float
+    g: Tensor,
+    m_hat: Tensor,
+    rms: Tensor,
+    denom: Tensor,
+    c1: Tensor | float,
+    c2: Tensor | float,
 ) -> Tensor:
     """∂u/∂g̃ of Adam, u = m̂/(√v̂+ε): c1/(√v̂+ε) - c2 m̂ g̃/(√v̂ (√v̂+ε)²), docs/math.md §4."""
     return c1 / denom - _safe_div(c2 * m_hat * g, rms * denom * denom)
 
 
-def _bias_correction(beta: float, step: Tensor) -> Tensor:
+def _lean_slope(
+    a: Tensor, b: Tensor, c: float, rms: Tensor, denom: Tensor | float, c1: float
+) -> Tensor:
+    """``(c1 - c a b / (rms denom)) / denom`` in one temporary, 0/0 taken as 0.
+
+    The same slope as the general form (and :func:`_safe_div`'s 0/0 limit) with far fewer
+    allocations, for the CPU path, where each large allocation and each comparison costs more
+    than the arithmetic.
+    """
+    ratio = torch.mul(a, b).mul_(c).div_(rms).div_(denom)
+    return ratio.nan_to_num_(0.0, 0.0, 0.0).neg_().add_(c1).div_(denom)
+
+
+def _bias_correction(beta: float, step: Tensor, ok: Tensor | float) -> Tensor | float:
+    """``1 - β^t``: a Python float with host scalars (``ok`` a float), else a 0-d tensor."""
+    if isinstance(ok, float):
+        return 1.0 - beta ** max(step.item(), 1.0)
     # step is clamped to 1 so a step skipped before any real step never divides by zero.
     return 1.0 - torch.pow(beta, step.clamp_min(1.0))
+
+
+def _sqrt_scalar(value: Tensor | float) -> Tensor | float:
+    return math.sqrt(value) if isinstance(value, float) else value.sqrt()
 
 
 class BaseRule:
@@ -93,7 +133,12 @@ class BaseRule:
         raise NotImplementedError
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         """Update the rule's state in place and return ``(u, ∂u/∂g̃ or None)``."""
         raise NotImplementedError
@@ -135,10 +180,17 @@ class SGD(BaseRule):
         return {}
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         kappa = group["weight_decay"]
-        return _l2(grad, param, kappa), (ok.new_ones(()) if has_decay(kappa) else None)
+        if not has_decay(kappa):
+            return _l2(grad, param, kappa), None
+        return _l2(grad, param, kappa), (1.0 if isinstance(ok, float) else ok.new_ones(()))
 
 
 class SGDMomentum(BaseRule):
@@ -174,7 +226,12 @@ class SGDMomentum(BaseRule):
         return {"step": _step(param), "momentum_buffer": _zeros(param)}
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         mu, buf = group["momentum"], state["momentum_buffer"]
         if group["base_style"] == "paper":
@@ -185,8 +242,14 @@ class SGDMomentum(BaseRule):
         g = _l2(grad, param, kappa)
         step = state["step"]
         # torch.optim.SGD starts the buffer at g̃ (no dampening on the first step).
-        coef = 1.0 - group["dampening"] * (step > 0).to(step.dtype)
-        buf.mul_(1.0 + ok * (mu - 1.0)).add_(g * (ok * coef))
+        coef: Tensor | float
+        if isinstance(ok, float):
+            host_coef = 1.0 - group["dampening"] * float(step.item() > 0)
+            buf.mul_(1.0 + ok * (mu - 1.0)).add_(g, alpha=ok * host_coef)
+            coef = host_coef
+        else:
+            coef = 1.0 - group["dampening"] * (step > 0).to(step.dtype)
+            buf.mul_(1.0 + ok * (mu - 1.0)).add_(g * (ok * coef))
         step.add_(ok)
         if group["nesterov"]:
             return g.add(buf, alpha=mu), (1.0 + mu * coef if has_decay(kappa) else None)
@@ -227,7 +290,12 @@ class RMSprop(BaseRule):
         return state
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         (smoothing,) = group["betas"]
         eps, kappa = group["eps"], group["weight_decay"]
@@ -235,7 +303,7 @@ class RMSprop(BaseRule):
         step.add_(ok)
         if group["base_style"] == "paper":
             ema_square_(square_avg, grad, ok * (1.0 - smoothing))
-            rms = sqrt(square_avg / _bias_correction(smoothing, step), inplace=True)
+            rms = sqrt(square_avg / _bias_correction(smoothing, step, ok), inplace=True)
             return grad / rms.add_(eps), None
         g = _l2(grad, param, kappa)
         ema_square_(square_avg, g, ok * (1.0 - smoothing))
@@ -250,13 +318,15 @@ class RMSprop(BaseRule):
         u = g / denom
         if group["momentum"] > 0.0:
             buf = state["momentum_buffer"]
-            buf.mul_(1.0 + ok * (group["momentum"] - 1.0)).add_(u * ok)
+            buf.mul_(1.0 + ok * (group["momentum"] - 1.0))
+            buf.add_(u, alpha=ok) if isinstance(ok, float) else buf.add_(u * ok)
             u = buf
         if not has_decay(kappa):
             return u, None
         # ∂(g̃/(s+ε))/∂g̃ with s = sqrt(v - ḡ²), ∂s/∂g̃ = (1-a)(g̃ - ḡ)/s.
         centred_g = g if grad_avg is None else g - grad_avg
-        return u, rmsprop_l2_slope(g, centred_g, rms, denom, smoothing)
+        host = isinstance(ok, float)
+        return u, rmsprop_l2_slope(g, centred_g, rms, denom, smoothing, host=host)
 
 
 class Adam(BaseRule):
@@ -271,7 +341,12 @@ class Adam(BaseRule):
         return {"step": _step(param), "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         beta1, beta2 = group["betas"]
         kappa = group["weight_decay"] if not self.decoupled_weight_decay else 0.0
@@ -280,16 +355,23 @@ class Adam(BaseRule):
         step.add_(ok)
         exp_avg.lerp_(g, ok * (1.0 - beta1))
         ema_square_(exp_avg_sq, g, ok * (1.0 - beta2))
-        bias1 = _bias_correction(beta1, step)
-        bias2 = _bias_correction(beta2, step)
-        rms = sqrt(exp_avg_sq) / bias2.sqrt()  # sqrt(v̂)
-        denom = rms + group["eps"]
-        m_hat = exp_avg / bias1
-        u = m_hat / denom
+        bias1 = _bias_correction(beta1, step, ok)
+        bias2 = _bias_correction(beta2, step, ok)
+        rms = sqrt(exp_avg_sq).div_(_sqrt_scalar(bias2))  # sqrt(v̂), on a fresh tensor
         if not has_decay(kappa):
-            return u, None
+            # u = m̂/(√v̂+ε) built in that one temporary: on CPU every large allocation costs
+            # page faults, more than the arithmetic.
+            return rms.add_(group["eps"]).reciprocal_().mul_(exp_avg).div_(bias1), None
+        denom = rms + group["eps"]
         # ∂u/∂g̃ = c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²), c1 = (1-β1)/bc1, c2 = (1-β2)/bc2.
         c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
+        if isinstance(c1, float) and isinstance(c2, float):
+            # Host scalars: the same slope as (c1 - c2 u g̃ / √v̂) / (√v̂+ε), u = m̂/(√v̂+ε),
+            # in two temporaries instead of eight.
+            u = exp_avg.div(denom).div_(bias1)
+            return u, _lean_slope(u, g, c2, rms, 1.0, c1).div_(denom)
+        m_hat = exp_avg / bias1
+        u = m_hat / denom
         return u, adam_l2_slope(g, m_hat, rms, denom, c1, c2)
 
 
@@ -316,7 +398,12 @@ class Lion(BaseRule):
         return {"exp_avg": _zeros(param)}
 
     def direction(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        group: Group,
+        ok: Tensor | float,
     ) -> tuple[Tensor, Slope]:
         beta1, beta2 = group["betas"]
         exp_avg = state["exp_avg"]

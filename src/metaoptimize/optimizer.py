@@ -252,6 +252,8 @@ class MetaOptimize(Optimizer):
             raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
         self._foreach = foreach
         self._compiled: Callable[..., None] | None = None
+        # Tests set this to run the sync-free device-scalar path on CPU too.
+        self._device_scalars = False
         self._compiled_meta: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         if not isinstance(kahan_summation, bool):
@@ -650,10 +652,19 @@ class MetaOptimize(Optimizer):
             nonfinite = nonfinite.to(self._beta_dtype)
             dist.all_reduce(nonfinite, group=reduce_group)
         finite = nonfinite == 0
+        # On CPU, reading a value is not a device synchronisation: a non-finite step is
+        # skipped right here, and the per-tensor kernel gets Python scalars (torch's scalar
+        # fast paths, no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
+        host_scalars = self._home.type == "cpu" and not self._device_scalars
+        if host_scalars and not bool(finite):
+            self._skipped.add_(1)
+            return loss
 
         # 2. Base step and trace update, all with α_t.
         alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
         kappa_blocks = self._log_wd.exp() if self._learn_wd else None
+        alpha_values = alpha_blocks.tolist() if host_scalars and alpha_blocks is not None else []
+        kappa_values = kappa_blocks.tolist() if host_scalars and kappa_blocks is not None else []
         flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         buckets: dict[tuple[int, torch.device, torch.dtype], list[_Entry]] = {}
         for entry in entries:
@@ -664,6 +675,9 @@ class MetaOptimize(Optimizer):
                 entry.state,
                 entry.block,
             )
+            if host_scalars and not self._fused and not self._use_foreach(entry, kappa_blocks):
+                self._host_parameter_step(entry, alpha_values, kappa_values, meta_active)
+                continue
             key = (grad.device, grad.dtype)
             if key not in flag_cache:
                 on_device = finite.to(grad.device)
@@ -761,6 +775,36 @@ class MetaOptimize(Optimizer):
                 self._weight_meta_steps(entries, z_weight, finite)
         self._skipped.add_((~finite).to(torch.int64))
         return loss
+
+    def _host_parameter_step(
+        self,
+        entry: _Entry,
+        alpha_values: list[float],
+        kappa_values: list[float],
+        meta_active: bool,
+    ) -> None:
+        """:func:`parameter_step` of one CPU parameter with Python scalars (a finite step)."""
+        group = entry.group
+        alpha: Tensor | float
+        if alpha_values:
+            alpha = alpha_values[entry.block] * group["lr"]
+        else:
+            alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
+        decoupled = is_decoupled(self._base, group)
+        if kappa_values:
+            group = {**group, "weight_decay": kappa_values[entry.block]}
+        parameter_step(
+            self._base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            True,
+            1.0,
+            alpha,
+            meta_active,
+            decoupled,
+        )
 
     def _compile_failed(self, error: Exception) -> None:
         """Turn ``fused`` off for good, with one warning, after a failed compilation."""
