@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
-from metaoptimize import MetaOptimize, _triton
+from metaoptimize import MetaOptimize
+from metaoptimize._kernels import triton as _triton
 
 pytest.importorskip("triton")
 

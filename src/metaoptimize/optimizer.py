@@ -13,18 +13,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metaoptimize._checkpoint import check_section_tensors, check_state_tensor, restored_bounds
-from metaoptimize._foreach import foreach_parameter_step
-from metaoptimize._fused import (
+from metaoptimize._kernels.compiled import (
     compile_meta_step,
     compile_parameter_step,
     fused_meta_step,
     fused_parameter_step,
-    meta_step,
-    parameter_step,
     supports_fused,
 )
+from metaoptimize._kernels.eager import meta_step, parameter_step
+from metaoptimize._kernels.foreach import foreach_parameter_step
+from metaoptimize._kernels.triton import (
+    triton_available,
+    triton_parameter_step,
+    triton_supports,
+)
 from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
-from metaoptimize._triton import triton_available, triton_parameter_step, triton_supports
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout

@@ -7,7 +7,7 @@ whose meta-gradient is not finite must change nothing. The per-step scalars (ste
 skip flag, bias corrections) are read from device memory, so no value reaches the host.
 
 Triton is an optional dependency. Without it, or off CUDA, ``fused=True`` uses the
-``torch.compile`` kernel (:mod:`metaoptimize._fused`). The tests run these kernels on CPU
+``torch.compile`` kernel (:mod:`metaoptimize._kernels.compiled`). The tests run these kernels on CPU
 through Triton's interpreter (``TRITON_INTERPRET=1``); ``benchmarks/gpu_check.sh`` runs them on
 a GPU.
 """
@@ -155,7 +155,7 @@ def triton_parameter_step(
     alpha: Tensor,
     with_trace: bool,
 ) -> None:
-    """:func:`metaoptimize._fused.parameter_step` for AdamW and Lion, as one Triton kernel.
+    """:func:`metaoptimize._kernels.eager.parameter_step` for AdamW and Lion, as one Triton kernel.
 
     Args:
         base: "adamw" or "lion".

@@ -1,6 +1,6 @@
 """Multi-tensor (``torch._foreach_*``) versions of the per-parameter update.
 
-:func:`foreach_parameter_step` does what :func:`metaoptimize._fused.parameter_step` does, for a
+:func:`foreach_parameter_step` does what :func:`metaoptimize._kernels.eager.parameter_step` does, for a
 list of parameters that share a param group, a device and a dtype. It issues each elementwise
 operation once per list instead of once per tensor, which matters when launches dominate (many
 small tensors, GPUs). It is written to repeat the single-tensor rules operation by operation,
@@ -207,7 +207,7 @@ def foreach_parameter_step(
     with_trace: bool,
     decoupled: bool,
 ) -> None:
-    """:func:`metaoptimize._fused.parameter_step` for a list of parameters, in place.
+    """:func:`metaoptimize._kernels.eager.parameter_step` for a list of parameters, in place.
 
     Args:
         rule: the base rule.
