@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -41,6 +40,7 @@ from metaoptimize.hessian import (
     traced_state_keys,
 )
 from metaoptimize.meta import MetaRule, get_meta_rule
+from metaoptimize.metagrad import meta_gradient
 
 try:  # DTensor parameters (FSDP2); torch >= 2.4 has the public module
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -609,52 +609,22 @@ class MetaOptimize(Optimizer):
             return loss
 
         # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
-        # Sharded parameters give per-rank partial sums: one all-reduce makes them global.
         meta_active = self._meta.active
-        z_block: Tensor | None = None
-        z_weight: list[Tensor] = []
-        if meta_active and not layout.per_weight:
-            partials = [
-                torch.dot(e.state["trace"].flatten().to(e.grad.dtype), e.grad.flatten()).to(
-                    self._home, self._beta_dtype
-                )
-                * e.share
-                for e in entries
-            ]
-            z_block = torch.zeros_like(self._log_alpha)
-            if self._learn_wd:
-                # The weight-decay meta-gradient rides along: one vector, one collective.
-                partials += [
-                    torch.dot(e.state["wd_trace"].flatten().to(e.grad.dtype), e.grad.flatten()).to(
-                        self._home, self._beta_dtype
-                    )
-                    * e.share
-                    for e in entries
-                ]
-                z_block = torch.zeros(
-                    2 * len(self._log_alpha), dtype=self._beta_dtype, device=self._home
-                )
-            if partials:
-                index, _ = self._block_indices(tuple(e.block for e in entries))
-                if self._learn_wd:
-                    index = torch.cat([index, index + len(self._log_alpha)])
-                z_block.index_add_(0, index, torch.stack(partials))
-            if reduce_group is not None and (
-                self._partition_group is None or layout.mode in ("scalar", "group")
-            ):
-                dist.all_reduce(z_block, group=reduce_group)
-            nonfinite = (~torch.isfinite(z_block)).sum()
-        else:
-            if meta_active:
-                z_weight = [e.state["trace"] * e.grad for e in entries]
-            checked = z_weight if meta_active else [e.grad for e in entries]
-            counts = [(~torch.isfinite(t)).sum().to(self._home) for t in checked]
-            nonfinite = torch.stack(counts).sum() if counts else self._skipped.new_zeros(())
-        if reduce_group is not None and z_block is None:
-            # Every rank must make the same skip decision: one scalar collective.
-            nonfinite = nonfinite.to(self._beta_dtype)
-            dist.all_reduce(nonfinite, group=reduce_group)
-        finite = nonfinite == 0
+        grads = meta_gradient(
+            entries,
+            num_blocks=len(self._log_alpha),
+            block_index=self._block_indices(tuple(e.block for e in entries))[0]
+            if entries
+            else None,
+            per_weight=layout.per_weight,
+            meta_active=meta_active,
+            learn_weight_decay=self._learn_wd,
+            home=self._home,
+            dtype=self._beta_dtype,
+            reduce_group=reduce_group,
+            reduce_blocks=self._partition_group is None or layout.mode in ("scalar", "group"),
+        )
+        z_block, z_weight, finite = grads.block, grads.weight, grads.finite
         # On CPU, reading a value is not a device synchronisation: a non-finite step is
         # skipped right here, and the per-tensor kernel gets Python scalars (torch's scalar
         # fast paths, no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
