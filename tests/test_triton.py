@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from helpers import TinyNet, batches, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 from metaoptimize._kernels import triton as _triton
 
@@ -113,14 +113,3 @@ def test_a_failing_kernel_falls_back_with_a_warning() -> None:
 def test_fused_backend_is_validated() -> None:
     with pytest.raises(ValueError, match="Invalid fused_backend"):
         MetaOptimize(TinyNet().parameters(), fused=True, fused_backend="cuda")
-
-
-def test_auto_backend_keeps_cpu_tensors_off_triton() -> None:
-    model = TinyNet()
-    opt = MetaOptimize(model.parameters(), fused=True)
-    loss_fn(model, batches(1)[0]).backward()
-    (entry, *_) = opt._gather_entries()
-    alpha = torch.ones((), dtype=entry.grad.dtype)
-    assert not opt._use_triton(entry, alpha, True, None)
-    forced = MetaOptimize(clone_model(model).parameters(), fused=True, fused_backend="triton")
-    assert forced._use_triton(entry, alpha, True, None)

@@ -12,19 +12,27 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metaoptimize._checkpoint import check_section_tensors, check_state_tensor, restored_bounds
+from metaoptimize._kernels import (
+    COMPILED,
+    EAGER,
+    FOREACH,
+    HOST,
+    TRITON,
+    Bucket,
+    KernelOptions,
+    plan_kernels,
+)
 from metaoptimize._kernels.compiled import (
     compile_meta_step,
     compile_parameter_step,
     fused_meta_step,
     fused_parameter_step,
-    supports_fused,
 )
 from metaoptimize._kernels.eager import meta_step, parameter_step
 from metaoptimize._kernels.foreach import foreach_parameter_step
 from metaoptimize._kernels.triton import (
     triton_available,
     triton_parameter_step,
-    triton_supports,
 )
 from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
 from metaoptimize._validation import check_betas, check_number, check_range
@@ -257,6 +265,9 @@ class MetaOptimize(Optimizer):
         self._compiled: Callable[..., None] | None = None
         # Tests set this to run the sync-free device-scalar path on CPU too.
         self._device_scalars = False
+        # A kernel that failed to build is not tried again (fused=True falls back).
+        self._triton_failed = False
+        self._compile_failed_once = False
         self._compiled_meta: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         if not isinstance(kahan_summation, bool):
@@ -633,100 +644,17 @@ class MetaOptimize(Optimizer):
             self._skipped.add_(1)
             return loss
 
-        # 2. Base step and trace update, all with α_t.
-        alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
-        kappa_blocks = self._log_wd.exp() if self._learn_wd else None
-        alpha_values = alpha_blocks.tolist() if host_scalars and alpha_blocks is not None else []
-        kappa_values = kappa_blocks.tolist() if host_scalars and kappa_blocks is not None else []
-        flag_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-        buckets: dict[tuple[int, torch.device, torch.dtype], list[_Entry]] = {}
-        for entry in entries:
-            group, p, grad, state, block = (
-                entry.group,
-                entry.param,
-                entry.grad,
-                entry.state,
-                entry.block,
-            )
-            if host_scalars and not self._fused and not self._use_foreach(entry, kappa_blocks):
-                self._host_parameter_step(entry, alpha_values, kappa_values, meta_active)
-                continue
-            key = (grad.device, grad.dtype)
-            if key not in flag_cache:
-                on_device = finite.to(grad.device)
-                flag_cache[key] = (on_device, on_device.to(grad.dtype))
-            finite_here, ok = flag_cache[key]
-            if self._use_foreach(entry, kappa_blocks):
-                buckets.setdefault((id(group), *key), []).append(entry)
-                continue
-            scale = ok * group["lr"]
-            if alpha_blocks is None:
-                alpha = state["log_alpha"].exp().mul_(scale)
-            else:
-                alpha = alpha_blocks[block].to(grad.device, grad.dtype) * scale
-            decoupled = is_decoupled(self._base, group)
-            if kappa_blocks is not None:
-                group = {**group, "weight_decay": kappa_blocks[block].to(grad.device, grad.dtype)}
-            if self._fused and self._use_triton(entry, alpha, decoupled, kappa_blocks):
-                try:
-                    triton_parameter_step(
-                        self._base.name, p, grad, state, group, ok, alpha, meta_active
-                    )
-                    continue
-                except Exception as error:  # noqa: BLE001 - the kernel failed to build; nothing ran
-                    self._fused_backend = "compile"
-                    warnings.warn(
-                        f"MetaOptimize(fused=True): the Triton kernel failed ({error!r:.200}); "
-                        "continuing with the torch.compile kernel",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            if self._fused and kappa_blocks is None and supports_fused(p, grad, state):
-                try:
-                    fused_parameter_step(
-                        self._compiled_step(),
-                        self._base,
-                        p,
-                        grad,
-                        state,
-                        group,
-                        finite_here,
-                        ok,
-                        alpha,
-                        meta_active,
-                        decoupled,
-                    )
-                    continue
-                except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
-                    self._compile_failed(error)
-            parameter_step(
-                self._base, p, grad, state, group, finite_here, ok, alpha, meta_active, decoupled
-            )
-        for (_, device, dtype), bucket in buckets.items():
-            finite_here, ok = flag_cache[(device, dtype)]
-            group = bucket[0].group
-            scale = ok * group["lr"]
-            if alpha_blocks is None:
-                alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
-                    [e.state["log_alpha"] for e in bucket]
-                )
-                torch._foreach_mul_(alphas, scale)
-            else:
-                index, _ = self._block_indices(tuple(e.block for e in bucket))
-                gathered = alpha_blocks[index].to(device, dtype) * scale
-                alphas = list(gathered.unbind())
-            foreach_parameter_step(
-                self._base,
-                [e.param for e in bucket],
-                [e.grad for e in bucket],
-                [e.state for e in bucket],
-                group,
-                finite_here,
-                ok,
-                alphas,
-                meta_active,
-                is_decoupled(self._base, group),
-            )
+        # 2. Base step and trace update, all with α_t: one kernel per bucket.
+        scalars = _StepScalars(
+            finite=finite,
+            host=host_scalars,
+            meta_active=meta_active,
+            alpha_blocks=None if layout.per_weight else self._log_alpha.exp(),
+            kappa_blocks=self._log_wd.exp() if self._learn_wd else None,
+        )
+        options = self._kernel_options(host_scalars)
+        for bucket in plan_kernels(entries, options, self._decoupled):
+            self._run_bucket(bucket, scalars)
 
         # 3. Meta step on β = log α (after the weight step, as in the paper).
         if meta_active:
@@ -749,23 +677,77 @@ class MetaOptimize(Optimizer):
         self._skipped.add_((~finite).to(torch.int64))
         return loss
 
-    def _host_parameter_step(
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return is_decoupled(self._base, group)
+
+    def _kernel_options(self, host_scalars: bool) -> KernelOptions:
+        return KernelOptions(
+            base=self._base.name,
+            foreach=self._foreach,
+            fused=self._fused,
+            fused_backend=self._fused_backend,
+            host_scalars=host_scalars,
+            learned_weight_decay=self._learn_wd,
+            per_weight=self.layout.per_weight,
+            triton_failed=self._triton_failed,
+            compile_failed=self._compile_failed_once,
+        )
+
+    def _run_bucket(self, bucket: Bucket, scalars: _StepScalars) -> None:
+        """Run one bucket's kernel; a compiled kernel that fails falls back for good."""
+        if bucket.kernel == FOREACH:
+            self._foreach_bucket(bucket.entries, scalars)
+            return
+        for entry in bucket.entries:
+            kernel = bucket.kernel
+            if kernel == TRITON:
+                if self._ran(self._triton_entry, entry, scalars, "triton"):
+                    continue
+                kernel = EAGER if self._compile_failed_once else COMPILED
+            if kernel == COMPILED:
+                if self._ran(self._compiled_entry, entry, scalars, "compile"):
+                    continue
+                kernel = EAGER
+            if kernel == HOST:
+                self._host_entry(entry, scalars)
+            else:
+                self._eager_entry(entry, scalars)
+
+    def _ran(
         self,
+        kernel: Callable[[_Entry, _StepScalars], None],
         entry: _Entry,
-        alpha_values: list[float],
-        kappa_values: list[float],
-        meta_active: bool,
-    ) -> None:
+        scalars: _StepScalars,
+        which: str,
+    ) -> bool:
+        """Run a compiled kernel; False (after one warning) when it failed to build."""
+        try:
+            kernel(entry, scalars)
+        except Exception as error:  # noqa: BLE001 - the kernel failed to build; nothing ran
+            if which == "triton":
+                self._triton_failed = True
+                warnings.warn(
+                    f"MetaOptimize(fused=True): the Triton kernel failed ({error!r:.200}); "
+                    "continuing with the torch.compile kernel",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            else:
+                self._compile_failed(error)
+            return False
+        return True
+
+    def _host_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
         """:func:`parameter_step` of one CPU parameter with Python scalars (a finite step)."""
         group = entry.group
         alpha: Tensor | float
-        if alpha_values:
-            alpha = alpha_values[entry.block] * group["lr"]
+        if scalars.alpha_values:
+            alpha = scalars.alpha_values[entry.block] * group["lr"]
         else:
             alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
         decoupled = is_decoupled(self._base, group)
-        if kappa_values:
-            group = {**group, "weight_decay": kappa_values[entry.block]}
+        if scalars.kappa_values:
+            group = {**group, "weight_decay": scalars.kappa_values[entry.block]}
         parameter_step(
             self._base,
             entry.param,
@@ -775,13 +757,103 @@ class MetaOptimize(Optimizer):
             True,
             1.0,
             alpha,
-            meta_active,
+            scalars.meta_active,
             decoupled,
         )
 
+    def _device_arguments(
+        self, entry: _Entry, scalars: _StepScalars
+    ) -> tuple[dict[str, Any], Tensor, Tensor, Tensor]:
+        """The group (with a learned weight decay), skip flags and step size of one entry."""
+        grad, group = entry.grad, entry.group
+        finite_here, ok = scalars.flags(grad.device, grad.dtype)
+        scale = ok * group["lr"]
+        if scalars.alpha_blocks is None:
+            alpha = entry.state["log_alpha"].exp().mul_(scale)
+        else:
+            alpha = scalars.alpha_blocks[entry.block].to(grad.device, grad.dtype) * scale
+        if scalars.kappa_blocks is not None:
+            kappa = scalars.kappa_blocks[entry.block].to(grad.device, grad.dtype)
+            group = {**group, "weight_decay": kappa}
+        return group, finite_here, ok, alpha
+
+    def _eager_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
+        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
+        parameter_step(
+            self._base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            finite_here,
+            ok,
+            alpha,
+            scalars.meta_active,
+            is_decoupled(self._base, entry.group),
+        )
+
+    def _compiled_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
+        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
+        fused_parameter_step(
+            self._compiled_step(),
+            self._base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            finite_here,
+            ok,
+            alpha,
+            scalars.meta_active,
+            is_decoupled(self._base, entry.group),
+        )
+
+    def _triton_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
+        group, _, ok, alpha = self._device_arguments(entry, scalars)
+        triton_parameter_step(
+            self._base.name,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            ok,
+            alpha,
+            scalars.meta_active,
+        )
+
+    def _foreach_bucket(self, bucket: list[_Entry], scalars: _StepScalars) -> None:
+        """One param group's parameters on one device and dtype, by the multi-tensor kernel."""
+        group = bucket[0].group
+        device, dtype = bucket[0].grad.device, bucket[0].grad.dtype
+        finite_here, ok = scalars.flags(device, dtype)
+        scale = ok * group["lr"]
+        if scalars.alpha_blocks is None:
+            alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
+                [e.state["log_alpha"] for e in bucket]
+            )
+            torch._foreach_mul_(alphas, scale)
+        else:
+            index, _ = self._block_indices(tuple(e.block for e in bucket))
+            alphas = list((scalars.alpha_blocks[index].to(device, dtype) * scale).unbind())
+        foreach_parameter_step(
+            self._base,
+            [e.param for e in bucket],
+            [e.grad for e in bucket],
+            [e.state for e in bucket],
+            group,
+            finite_here,
+            ok,
+            alphas,
+            scalars.meta_active,
+            is_decoupled(self._base, group),
+        )
+
     def _compile_failed(self, error: Exception) -> None:
-        """Turn ``fused`` off for good, with one warning, after a failed compilation."""
-        self._fused = False
+        """Stop compiling for good, with one warning, after a failed compilation.
+
+        The user's ``fused`` setting is left as it was.
+        """
+        self._compile_failed_once = True
         warnings.warn(
             f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}); continuing "
             "with the eager path",
@@ -803,7 +875,7 @@ class MetaOptimize(Optimizer):
         contiguous = log_alpha.is_contiguous() and all(
             v.is_contiguous() for v in meta_state.values()
         )
-        if self._fused and contiguous:
+        if self._fused and not self._compile_failed_once and contiguous:
             try:
                 if self._compiled_meta is None:
                     self._compiled_meta = compile_meta_step()
@@ -1020,32 +1092,6 @@ class MetaOptimize(Optimizer):
         trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
         for k in keys:
             trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
-
-    def _use_triton(
-        self, entry: _Entry, alpha: Tensor, decoupled: bool, kappa_blocks: Tensor | None
-    ) -> bool:
-        """Whether ``fused=True`` runs this parameter through the Triton kernel."""
-        backend = self._fused_backend
-        wanted = backend == "triton" or (backend == "auto" and entry.param.is_cuda)
-        return (
-            wanted
-            and kappa_blocks is None
-            and alpha.dim() == 0
-            and triton_supports(self._base.name, entry.param, entry.grad, entry.state, decoupled)
-        )
-
-    def _use_foreach(self, entry: _Entry, kappa_blocks: Tensor | None) -> bool:
-        """Whether this parameter's update goes through the multi-tensor path."""
-        foreach = self._foreach
-        if foreach is None:  # default: multi-tensor on CUDA (launch-bound), per tensor on CPU
-            foreach = entry.grad.device.type == "cuda"
-        return (
-            foreach
-            and not (self._fused and supports_fused(entry.param, entry.grad, entry.state))
-            and kappa_blocks is None
-            and entry.param.dtype == entry.grad.dtype
-            and "kahan_comp" not in entry.state
-        )
 
     def _gather_entries(self) -> list[_Entry]:
         """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
@@ -1382,6 +1428,33 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
         for p in group["params"]:
             dtype = torch.promote_types(dtype, state_dtype(p))
     return dtype
+
+
+class _StepScalars:
+    """The per-step values every kernel call of a step shares."""
+
+    def __init__(
+        self,
+        finite: Tensor,
+        host: bool,
+        meta_active: bool,
+        alpha_blocks: Tensor | None,
+        kappa_blocks: Tensor | None,
+    ) -> None:
+        self.finite, self.meta_active = finite, meta_active
+        self.alpha_blocks, self.kappa_blocks = alpha_blocks, kappa_blocks
+        # Host scalars: the block step sizes and weight decays as Python floats, read once.
+        self.alpha_values = alpha_blocks.tolist() if host and alpha_blocks is not None else []
+        self.kappa_values = kappa_blocks.tolist() if host and kappa_blocks is not None else []
+        self._flags: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def flags(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The skip verdict on ``device`` as a bool and as 0.0/1.0 in ``dtype`` (cached)."""
+        key = (device, dtype)
+        if key not in self._flags:
+            on_device = self.finite.to(device)
+            self._flags[key] = (on_device, on_device.to(dtype))
+        return self._flags[key]
 
 
 class _Entry:

@@ -8,3 +8,129 @@
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
   bases (``fused=True`` on CUDA).
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from metaoptimize._kernels.compiled import supports_fused
+from metaoptimize._kernels.triton import triton_supports
+
+__all__ = [
+    "COMPILED",
+    "EAGER",
+    "FOREACH",
+    "HOST",
+    "TRITON",
+    "Bucket",
+    "KernelOptions",
+    "choose_kernel",
+    "plan_kernels",
+]
+
+#: The per-tensor eager kernel with Python scalars (CPU; a skipped step never reaches it).
+HOST = "host"
+#: The per-tensor eager kernel with device scalars (sync-free; CUDA, or forced in tests).
+EAGER = "eager"
+FOREACH = "foreach"
+COMPILED = "compiled"
+TRITON = "triton"
+
+
+class _Entry(Protocol):
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    group: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """What decides the kernel of a parameter, besides the parameter itself.
+
+    Attributes:
+        base: the base rule's name.
+        foreach: the user's ``foreach`` (None: multi-tensor on CUDA, per tensor elsewhere).
+        fused: the user's ``fused``.
+        fused_backend: ``"auto"``, ``"triton"`` or ``"compile"``.
+        host_scalars: the step runs with Python scalars (CPU).
+        learned_weight_decay: the weight decay is learned (only the per-tensor eager kernels
+            take it).
+        per_weight: one step size per weight (the Triton kernels take one per tensor).
+        triton_failed: a Triton kernel failed to build earlier in this optimizer's life.
+        compile_failed: ``torch.compile`` failed earlier in this optimizer's life.
+    """
+
+    base: str
+    foreach: bool | None
+    fused: bool
+    fused_backend: str
+    host_scalars: bool
+    learned_weight_decay: bool
+    per_weight: bool
+    triton_failed: bool = False
+    compile_failed: bool = False
+
+
+@dataclass
+class Bucket:
+    """Entries that one kernel updates.
+
+    For ``FOREACH``: one param group on one device and dtype, in one call; for the other
+    kernels, one call per entry.
+    """
+
+    kernel: str
+    entries: list[Any] = field(default_factory=list)
+
+
+def choose_kernel(entry: _Entry, options: KernelOptions, decoupled: bool) -> str:
+    """The kernel for one parameter (a pure function of the entry and the options)."""
+    param, grad, state = entry.param, entry.grad, entry.state
+    fused = options.fused and not options.compile_failed
+    foreach = options.foreach if options.foreach is not None else grad.device.type == "cuda"
+    if (
+        foreach
+        and not (fused and supports_fused(param, grad, state))
+        and not options.learned_weight_decay
+        and param.dtype == grad.dtype
+        and "kahan_comp" not in state
+    ):
+        return FOREACH
+    if options.host_scalars and not fused:
+        return HOST
+    if not fused or options.learned_weight_decay:
+        return EAGER
+    backend = options.fused_backend
+    if (
+        (backend == "triton" or (backend == "auto" and param.is_cuda))
+        and not options.triton_failed
+        and not options.per_weight
+        and triton_supports(options.base, param, grad, state, decoupled)
+    ):
+        return TRITON
+    return COMPILED if fused and supports_fused(param, grad, state) else EAGER
+
+
+def plan_kernels(
+    entries: Sequence[_Entry],
+    options: KernelOptions,
+    decoupled: Callable[[dict[str, Any]], bool],
+) -> list[Bucket]:
+    """Group the entries by kernel, once per step.
+
+    ``FOREACH`` gets a bucket per (param group, device, dtype); every other kernel one bucket
+    of its entries. Entry order is kept within each bucket.
+    """
+    buckets: dict[tuple[Any, ...], Bucket] = {}
+    for entry in entries:
+        kernel = choose_kernel(entry, options, decoupled(entry.group))
+        key: tuple[Any, ...] = (kernel,)
+        if kernel == FOREACH:
+            key = (kernel, id(entry.group), entry.grad.device, entry.grad.dtype)
+        buckets.setdefault(key, Bucket(kernel)).entries.append(entry)
+    return list(buckets.values())

@@ -1,0 +1,100 @@
+"""The kernel plan: which kernel updates each parameter, as a pure function (issue 15).
+
+``step()`` groups its parameters by kernel once per step; the choice depends on the device,
+the dtypes, contiguity and the options alone. Every kernel is checked against the eager one
+elsewhere (test_reference, test_foreach, test_fused, test_triton); this file checks the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import torch
+
+from metaoptimize._kernels import (
+    COMPILED,
+    EAGER,
+    FOREACH,
+    HOST,
+    TRITON,
+    KernelOptions,
+    choose_kernel,
+    plan_kernels,
+)
+
+
+@dataclass
+class Entry:
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, Any] = field(default_factory=dict)
+    group: dict[str, Any] = field(default_factory=dict)
+
+
+CPU = KernelOptions(
+    base="adamw",
+    foreach=None,
+    fused=False,
+    fused_backend="auto",
+    host_scalars=True,
+    learned_weight_decay=False,
+    per_weight=False,
+)
+
+
+def _entry(shape: tuple[int, ...] = (4, 3), **state: Any) -> Entry:
+    param = torch.zeros(shape)
+    return Entry(param, torch.zeros(shape), {"exp_avg": torch.zeros(shape), **state})
+
+
+@pytest.mark.parametrize(
+    ("changes", "kernel"),
+    [
+        ({}, HOST),  # the CPU default: per tensor, Python scalars
+        ({"host_scalars": False}, EAGER),  # the sync-free path, forced
+        ({"foreach": True}, FOREACH),
+        ({"fused": True}, COMPILED),  # CPU tensors: torch.compile, not Triton
+        ({"fused": True, "fused_backend": "triton"}, TRITON),  # forced (the interpreter)
+        ({"fused": True, "fused_backend": "triton", "per_weight": True}, COMPILED),
+        ({"fused": True, "fused_backend": "triton", "triton_failed": True}, COMPILED),
+        ({"fused": True, "compile_failed": True}, HOST),
+        ({"fused": True, "learned_weight_decay": True}, EAGER),
+        ({"foreach": True, "learned_weight_decay": True}, HOST),
+        ({"foreach": True, "fused": True}, COMPILED),  # a compiled kernel beats foreach
+    ],
+)
+def test_choose_kernel(
+    changes: dict[str, Any], kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors may run Triton, interpreted
+    assert choose_kernel(_entry(), replace(CPU, **changes), decoupled=True) == kernel
+
+
+def test_tensors_a_kernel_cannot_take_go_to_the_next_one() -> None:
+    kahan = _entry(kahan_comp=torch.zeros(4, 3))
+    assert choose_kernel(kahan, replace(CPU, foreach=True), decoupled=True) == HOST
+    strided = _entry()
+    strided.param = torch.zeros(3, 4).t()  # not contiguous: no flat views for the fused kernels
+    assert choose_kernel(strided, replace(CPU, fused=True), decoupled=True) == EAGER
+    triton = replace(CPU, fused=True, fused_backend="triton")
+    assert choose_kernel(_entry(), triton, decoupled=False) == COMPILED  # L2: not a Triton base
+    assert choose_kernel(_entry(), triton, decoupled=True) == COMPILED  # CPU, not interpreted
+
+
+def test_plan_groups_foreach_entries_by_group_device_and_dtype() -> None:
+    first, second = {"lr": 1.0}, {"lr": 0.5}
+    entries = [_entry(), _entry(), _entry(), _entry((2,))]
+    entries[0].group = entries[1].group = first
+    entries[2].group = entries[3].group = second
+    entries[3].param = entries[3].param.double()
+    entries[3].grad = entries[3].grad.double()
+    buckets = plan_kernels(entries, replace(CPU, foreach=True), lambda group: True)
+    assert [(b.kernel, len(b.entries)) for b in buckets] == [
+        (FOREACH, 2),
+        (FOREACH, 1),
+        (FOREACH, 1),
+    ]
+    per_tensor = plan_kernels(entries, CPU, lambda group: True)
+    assert [(b.kernel, b.entries) for b in per_tensor] == [(HOST, entries)]
