@@ -98,7 +98,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
 
         return fail
 
-    monkeypatch.setattr("metaoptimize.optimizer.compile_parameter_step", broken)
+    monkeypatch.setattr("metaoptimize._kernels.runner.compile_parameter_step", broken)
     model = TinyNet()
     twin = clone_model(model)
     eager = MetaOptimize(model.parameters(), base="adamw", meta="lion", alpha0=0.01)

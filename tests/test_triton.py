@@ -80,7 +80,7 @@ def test_triton_kernel_equals_per_tensor_path(kwargs: dict[str, Any]) -> None:
 
     per_tensor = _train(kwargs)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metaoptimize.optimizer.triton_parameter_step", counting)
+        patch.setattr("metaoptimize._kernels.runner.triton_parameter_step", counting)
         triton_run = _train(kwargs, fused=True, fused_backend="triton")
     assert len(calls) == 10 * 4  # every step, every tensor went through the kernel
     _assert_same(per_tensor, triton_run)
@@ -90,7 +90,7 @@ def test_unsupported_base_uses_the_compiled_kernel() -> None:
     kwargs = {"base": "adam", "meta": "adam", "blocks": "scalar", "weight_decay": 0.1}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            "metaoptimize.optimizer.triton_parameter_step",
+            "metaoptimize._kernels.runner.triton_parameter_step",
             lambda *a, **k: pytest.fail("adam is not a Triton base"),
         )
         fused = _train(kwargs, fused=True, fused_backend="triton")
@@ -104,7 +104,7 @@ def test_a_failing_kernel_falls_back_with_a_warning() -> None:
         raise RuntimeError("no kernel today")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metaoptimize.optimizer.triton_parameter_step", broken)
+        patch.setattr("metaoptimize._kernels.runner.triton_parameter_step", broken)
         with pytest.warns(RuntimeWarning, match="Triton kernel failed"):
             fallback = _train(kwargs, fused=True, fused_backend="triton")
     _assert_same(_train(kwargs), fallback)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -12,29 +11,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metaoptimize._checkpoint import check_section_tensors, check_state_tensor, restored_bounds
-from metaoptimize._kernels import (
-    COMPILED,
-    EAGER,
-    FOREACH,
-    HOST,
-    TRITON,
-    Bucket,
-    KernelOptions,
-    plan_kernels,
-)
-from metaoptimize._kernels.compiled import (
-    compile_meta_step,
-    compile_parameter_step,
-    fused_meta_step,
-    fused_parameter_step,
-)
-from metaoptimize._kernels.eager import meta_step, parameter_step
-from metaoptimize._kernels.foreach import foreach_parameter_step
+from metaoptimize._kernels import KernelOptions, plan_kernels
+from metaoptimize._kernels.eager import meta_step
+from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import (
     triton_available,
-    triton_parameter_step,
 )
 from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
+from metaoptimize._types import Entry
 from metaoptimize._validation import check_betas, check_number, check_range
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
@@ -262,13 +246,8 @@ class MetaOptimize(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
         self._foreach = foreach
-        self._compiled: Callable[..., None] | None = None
         # Tests set this to run the sync-free device-scalar path on CPU too.
         self._device_scalars = False
-        # A kernel that failed to build is not tried again (fused=True falls back).
-        self._triton_failed = False
-        self._compile_failed_once = False
-        self._compiled_meta: Callable[..., None] | None = None
         self._trace_dtype = _check_trace_dtype(trace_dtype)
         if not isinstance(kahan_summation, bool):
             raise TypeError(f"Invalid kahan_summation: {kahan_summation!r}; expected a bool")
@@ -313,6 +292,7 @@ class MetaOptimize(Optimizer):
         self._wd_meta_state = self._wd_meta.init_state(self._log_wd)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._kernels = KernelRunner(self._base, self._block_indices)
         self._grow_blocks()
 
     # ------------------------------------------------------------------ param groups
@@ -576,11 +556,6 @@ class MetaOptimize(Optimizer):
             for key, value in self._meta.init_state(log_alpha).items():
                 state[_META_PREFIX + key] = value
 
-    def _compiled_step(self) -> Callable[..., None]:
-        if self._compiled is None:
-            self._compiled = compile_parameter_step()
-        return self._compiled
-
     def _new_trace(self, p: Tensor) -> Tensor:
         dtype = self._trace_dtype or state_dtype(p)
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -645,7 +620,7 @@ class MetaOptimize(Optimizer):
             return loss
 
         # 2. Base step and trace update, all with α_t: one kernel per bucket.
-        scalars = _StepScalars(
+        scalars = StepScalars(
             finite=finite,
             host=host_scalars,
             meta_active=meta_active,
@@ -654,7 +629,7 @@ class MetaOptimize(Optimizer):
         )
         options = self._kernel_options(host_scalars)
         for bucket in plan_kernels(entries, options, self._decoupled):
-            self._run_bucket(bucket, scalars)
+            self._kernels.run(bucket, scalars)
 
         # 3. Meta step on β = log α (after the weight step, as in the paper).
         if meta_active:
@@ -689,179 +664,11 @@ class MetaOptimize(Optimizer):
             host_scalars=host_scalars,
             learned_weight_decay=self._learn_wd,
             per_weight=self.layout.per_weight,
-            triton_failed=self._triton_failed,
-            compile_failed=self._compile_failed_once,
+            triton_failed=self._kernels.triton_failed,
+            compile_failed=self._kernels.compile_failed,
         )
 
-    def _run_bucket(self, bucket: Bucket, scalars: _StepScalars) -> None:
-        """Run one bucket's kernel; a compiled kernel that fails falls back for good."""
-        if bucket.kernel == FOREACH:
-            self._foreach_bucket(bucket.entries, scalars)
-            return
-        for entry in bucket.entries:
-            kernel = bucket.kernel
-            if kernel == TRITON:
-                if self._ran(self._triton_entry, entry, scalars, "triton"):
-                    continue
-                kernel = EAGER if self._compile_failed_once else COMPILED
-            if kernel == COMPILED:
-                if self._ran(self._compiled_entry, entry, scalars, "compile"):
-                    continue
-                kernel = EAGER
-            if kernel == HOST:
-                self._host_entry(entry, scalars)
-            else:
-                self._eager_entry(entry, scalars)
-
-    def _ran(
-        self,
-        kernel: Callable[[_Entry, _StepScalars], None],
-        entry: _Entry,
-        scalars: _StepScalars,
-        which: str,
-    ) -> bool:
-        """Run a compiled kernel; False (after one warning) when it failed to build."""
-        try:
-            kernel(entry, scalars)
-        except Exception as error:  # noqa: BLE001 - the kernel failed to build; nothing ran
-            if which == "triton":
-                self._triton_failed = True
-                warnings.warn(
-                    f"MetaOptimize(fused=True): the Triton kernel failed ({error!r:.200}); "
-                    "continuing with the torch.compile kernel",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            else:
-                self._compile_failed(error)
-            return False
-        return True
-
-    def _host_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
-        """:func:`parameter_step` of one CPU parameter with Python scalars (a finite step)."""
-        group = entry.group
-        alpha: Tensor | float
-        if scalars.alpha_values:
-            alpha = scalars.alpha_values[entry.block] * group["lr"]
-        else:
-            alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
-        decoupled = is_decoupled(self._base, group)
-        if scalars.kappa_values:
-            group = {**group, "weight_decay": scalars.kappa_values[entry.block]}
-        parameter_step(
-            self._base,
-            entry.param,
-            entry.grad,
-            entry.state,
-            group,
-            True,
-            1.0,
-            alpha,
-            scalars.meta_active,
-            decoupled,
-        )
-
-    def _device_arguments(
-        self, entry: _Entry, scalars: _StepScalars
-    ) -> tuple[dict[str, Any], Tensor, Tensor, Tensor]:
-        """The group (with a learned weight decay), skip flags and step size of one entry."""
-        grad, group = entry.grad, entry.group
-        finite_here, ok = scalars.flags(grad.device, grad.dtype)
-        scale = ok * group["lr"]
-        if scalars.alpha_blocks is None:
-            alpha = entry.state["log_alpha"].exp().mul_(scale)
-        else:
-            alpha = scalars.alpha_blocks[entry.block].to(grad.device, grad.dtype) * scale
-        if scalars.kappa_blocks is not None:
-            kappa = scalars.kappa_blocks[entry.block].to(grad.device, grad.dtype)
-            group = {**group, "weight_decay": kappa}
-        return group, finite_here, ok, alpha
-
-    def _eager_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
-        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
-        parameter_step(
-            self._base,
-            entry.param,
-            entry.grad,
-            entry.state,
-            group,
-            finite_here,
-            ok,
-            alpha,
-            scalars.meta_active,
-            is_decoupled(self._base, entry.group),
-        )
-
-    def _compiled_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
-        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
-        fused_parameter_step(
-            self._compiled_step(),
-            self._base,
-            entry.param,
-            entry.grad,
-            entry.state,
-            group,
-            finite_here,
-            ok,
-            alpha,
-            scalars.meta_active,
-            is_decoupled(self._base, entry.group),
-        )
-
-    def _triton_entry(self, entry: _Entry, scalars: _StepScalars) -> None:
-        group, _, ok, alpha = self._device_arguments(entry, scalars)
-        triton_parameter_step(
-            self._base.name,
-            entry.param,
-            entry.grad,
-            entry.state,
-            group,
-            ok,
-            alpha,
-            scalars.meta_active,
-        )
-
-    def _foreach_bucket(self, bucket: list[_Entry], scalars: _StepScalars) -> None:
-        """One param group's parameters on one device and dtype, by the multi-tensor kernel."""
-        group = bucket[0].group
-        device, dtype = bucket[0].grad.device, bucket[0].grad.dtype
-        finite_here, ok = scalars.flags(device, dtype)
-        scale = ok * group["lr"]
-        if scalars.alpha_blocks is None:
-            alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
-                [e.state["log_alpha"] for e in bucket]
-            )
-            torch._foreach_mul_(alphas, scale)
-        else:
-            index, _ = self._block_indices(tuple(e.block for e in bucket))
-            alphas = list((scalars.alpha_blocks[index].to(device, dtype) * scale).unbind())
-        foreach_parameter_step(
-            self._base,
-            [e.param for e in bucket],
-            [e.grad for e in bucket],
-            [e.state for e in bucket],
-            group,
-            finite_here,
-            ok,
-            alphas,
-            scalars.meta_active,
-            is_decoupled(self._base, group),
-        )
-
-    def _compile_failed(self, error: Exception) -> None:
-        """Stop compiling for good, with one warning, after a failed compilation.
-
-        The user's ``fused`` setting is left as it was.
-        """
-        self._compile_failed_once = True
-        warnings.warn(
-            f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}); continuing "
-            "with the eager path",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-    def _weight_meta_steps(self, entries: list[_Entry], z: list[Tensor], finite: Tensor) -> None:
+    def _weight_meta_steps(self, entries: list[Entry], z: list[Tensor], finite: Tensor) -> None:
         """Meta steps of per-weight step sizes, stored in each parameter's state."""
         for entry, z_entry in zip(entries, z, strict=True):
             meta_state = _weight_meta_state(entry.state)
@@ -872,21 +679,10 @@ class MetaOptimize(Optimizer):
     ) -> None:
         """The meta step of one parameter's per-weight step sizes (compiled with ``fused``)."""
         keep = finite.to(z.device)
-        contiguous = log_alpha.is_contiguous() and all(
-            v.is_contiguous() for v in meta_state.values()
+        bounds = self._log_bounds
+        self._kernels.weight_meta_step(
+            self._meta, log_alpha, z, meta_state, keep, bounds, self._fused
         )
-        if self._fused and not self._compile_failed_once and contiguous:
-            try:
-                if self._compiled_meta is None:
-                    self._compiled_meta = compile_meta_step()
-                low, high = self._log_bounds
-                fused_meta_step(
-                    self._compiled_meta, self._meta, log_alpha, z, meta_state, keep, low, high
-                )
-                return
-            except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
-                self._compile_failed(error)
-        self._meta_step(log_alpha, z, meta_state, keep)
 
     def _trace_columns(self) -> int:
         """Trace columns of ``trace="hessian"``: one per block, one shared for "weight"."""
@@ -1093,10 +889,10 @@ class MetaOptimize(Optimizer):
         for k in keys:
             trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
 
-    def _gather_entries(self) -> list[_Entry]:
+    def _gather_entries(self) -> list[Entry]:
         """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
         layout = self.layout
-        entries: list[_Entry] = []
+        entries: list[Entry] = []
         position = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -1116,7 +912,7 @@ class MetaOptimize(Optimizer):
                     k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
                 }
                 entries.append(
-                    _Entry(
+                    Entry(
                         group,
                         _local(p),
                         _local(p.grad).to(state_dtype(p)),
@@ -1428,51 +1224,6 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
         for p in group["params"]:
             dtype = torch.promote_types(dtype, state_dtype(p))
     return dtype
-
-
-class _StepScalars:
-    """The per-step values every kernel call of a step shares."""
-
-    def __init__(
-        self,
-        finite: Tensor,
-        host: bool,
-        meta_active: bool,
-        alpha_blocks: Tensor | None,
-        kappa_blocks: Tensor | None,
-    ) -> None:
-        self.finite, self.meta_active = finite, meta_active
-        self.alpha_blocks, self.kappa_blocks = alpha_blocks, kappa_blocks
-        # Host scalars: the block step sizes and weight decays as Python floats, read once.
-        self.alpha_values = alpha_blocks.tolist() if host and alpha_blocks is not None else []
-        self.kappa_values = kappa_blocks.tolist() if host and kappa_blocks is not None else []
-        self._flags: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-
-    def flags(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The skip verdict on ``device`` as a bool and as 0.0/1.0 in ``dtype`` (cached)."""
-        key = (device, dtype)
-        if key not in self._flags:
-            on_device = self.finite.to(device)
-            self._flags[key] = (on_device, on_device.to(dtype))
-        return self._flags[key]
-
-
-class _Entry:
-    """One parameter with a gradient, viewed as local tensors for this step."""
-
-    __slots__ = ("block", "grad", "group", "param", "share", "state")
-
-    def __init__(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Any],
-        block: int,
-        share: float,
-    ) -> None:
-        self.group, self.param, self.grad = group, param, grad
-        self.state, self.block, self.share = state, block, share
 
 
 def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:

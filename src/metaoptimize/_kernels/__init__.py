@@ -113,7 +113,7 @@ def choose_kernel(entry: _Entry, options: KernelOptions, decoupled: bool) -> str
         and triton_supports(options.base, param, grad, state, decoupled)
     ):
         return TRITON
-    return COMPILED if fused and supports_fused(param, grad, state) else EAGER
+    return COMPILED if supports_fused(param, grad, state) else EAGER
 
 
 def plan_kernels(

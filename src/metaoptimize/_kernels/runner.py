@@ -1,0 +1,273 @@
+"""Runs the planned kernels of a step (:func:`metaoptimize._kernels.plan_kernels`).
+
+The runner owns what belongs to the kernels across steps: the compiled-kernel cache and whether
+a kernel failed to build. A Triton kernel that fails falls back to the compiled one, and a
+compilation that fails to the eager kernel, each with one warning, for good; the user's
+``fused``/``fused_backend`` settings are never rewritten.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaoptimize._kernels import COMPILED, EAGER, FOREACH, HOST, TRITON, Bucket
+from metaoptimize._kernels.compiled import (
+    compile_meta_step,
+    compile_parameter_step,
+    fused_meta_step,
+    fused_parameter_step,
+)
+from metaoptimize._kernels.eager import meta_step, parameter_step
+from metaoptimize._kernels.foreach import foreach_parameter_step
+from metaoptimize._kernels.triton import triton_parameter_step
+from metaoptimize._types import Entry
+from metaoptimize.base import BaseRule, is_decoupled
+from metaoptimize.meta import MetaRule
+
+__all__ = ["KernelRunner", "StepScalars"]
+
+
+class StepScalars:
+    """The per-step values every kernel call of a step shares."""
+
+    def __init__(
+        self,
+        finite: Tensor,
+        host: bool,
+        meta_active: bool,
+        alpha_blocks: Tensor | None,
+        kappa_blocks: Tensor | None,
+    ) -> None:
+        self.finite, self.meta_active = finite, meta_active
+        self.alpha_blocks, self.kappa_blocks = alpha_blocks, kappa_blocks
+        # Host scalars: the block step sizes and weight decays as Python floats, read once.
+        self.alpha_values = alpha_blocks.tolist() if host and alpha_blocks is not None else []
+        self.kappa_values = kappa_blocks.tolist() if host and kappa_blocks is not None else []
+        self._flags: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def flags(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The skip verdict on ``device`` as a bool and as 0.0/1.0 in ``dtype`` (cached)."""
+        key = (device, dtype)
+        if key not in self._flags:
+            on_device = self.finite.to(device)
+            self._flags[key] = (on_device, on_device.to(dtype))
+        return self._flags[key]
+
+
+class KernelRunner:
+    """Runs buckets of entries through their kernels for one optimizer."""
+
+    def __init__(
+        self, base: BaseRule, block_indices: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]]
+    ) -> None:
+        self.base = base
+        self.block_indices = block_indices
+        self.triton_failed = False
+        self.compile_failed = False
+        self._compiled: Callable[..., None] | None = None
+        self._compiled_meta: Callable[..., None] | None = None
+
+    def compiled_step(self) -> Callable[..., None]:
+        if self._compiled is None:
+            self._compiled = compile_parameter_step()
+        return self._compiled
+
+    def run(self, bucket: Bucket, scalars: StepScalars) -> None:
+        """Run one bucket's kernel; a compiled kernel that fails falls back for good."""
+        if bucket.kernel == FOREACH:
+            self._foreach_bucket(bucket.entries, scalars)
+            return
+        for entry in bucket.entries:
+            kernel = bucket.kernel
+            if kernel == TRITON:
+                if self._ran(self._triton_entry, entry, scalars, "triton"):
+                    continue
+                kernel = EAGER if self.compile_failed else COMPILED
+            if kernel == COMPILED:
+                if self._ran(self._compiled_entry, entry, scalars, "compile"):
+                    continue
+                kernel = EAGER
+            if kernel == HOST:
+                self._host_entry(entry, scalars)
+            else:
+                self._eager_entry(entry, scalars)
+
+    def _ran(
+        self,
+        kernel: Callable[[Entry, StepScalars], None],
+        entry: Entry,
+        scalars: StepScalars,
+        which: str,
+    ) -> bool:
+        """Run a compiled kernel; False (after one warning) when it failed to build."""
+        try:
+            kernel(entry, scalars)
+        except Exception as error:  # noqa: BLE001 - the kernel failed to build; nothing ran
+            if which == "triton":
+                self.triton_failed = True
+                warnings.warn(
+                    f"MetaOptimize(fused=True): the Triton kernel failed ({error!r:.200}); "
+                    "continuing with the torch.compile kernel",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            else:
+                self.compile_failure(error)
+            return False
+        return True
+
+    def _host_entry(self, entry: Entry, scalars: StepScalars) -> None:
+        """:func:`parameter_step` of one CPU parameter with Python scalars (a finite step)."""
+        group = entry.group
+        alpha: Tensor | float
+        if scalars.alpha_values:
+            alpha = scalars.alpha_values[entry.block] * group["lr"]
+        else:
+            alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
+        decoupled = is_decoupled(self.base, group)
+        if scalars.kappa_values:
+            group = {**group, "weight_decay": scalars.kappa_values[entry.block]}
+        parameter_step(
+            self.base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            True,
+            1.0,
+            alpha,
+            scalars.meta_active,
+            decoupled,
+        )
+
+    def _device_arguments(
+        self, entry: Entry, scalars: StepScalars
+    ) -> tuple[dict[str, Any], Tensor, Tensor, Tensor]:
+        """The group (with a learned weight decay), skip flags and step size of one entry."""
+        grad, group = entry.grad, entry.group
+        finite_here, ok = scalars.flags(grad.device, grad.dtype)
+        scale = ok * group["lr"]
+        if scalars.alpha_blocks is None:
+            alpha = entry.state["log_alpha"].exp().mul_(scale)
+        else:
+            alpha = scalars.alpha_blocks[entry.block].to(grad.device, grad.dtype) * scale
+        if scalars.kappa_blocks is not None:
+            kappa = scalars.kappa_blocks[entry.block].to(grad.device, grad.dtype)
+            group = {**group, "weight_decay": kappa}
+        return group, finite_here, ok, alpha
+
+    def _eager_entry(self, entry: Entry, scalars: StepScalars) -> None:
+        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
+        parameter_step(
+            self.base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            finite_here,
+            ok,
+            alpha,
+            scalars.meta_active,
+            is_decoupled(self.base, entry.group),
+        )
+
+    def _compiled_entry(self, entry: Entry, scalars: StepScalars) -> None:
+        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
+        fused_parameter_step(
+            self.compiled_step(),
+            self.base,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            finite_here,
+            ok,
+            alpha,
+            scalars.meta_active,
+            is_decoupled(self.base, entry.group),
+        )
+
+    def _triton_entry(self, entry: Entry, scalars: StepScalars) -> None:
+        group, _, ok, alpha = self._device_arguments(entry, scalars)
+        triton_parameter_step(
+            self.base.name,
+            entry.param,
+            entry.grad,
+            entry.state,
+            group,
+            ok,
+            alpha,
+            scalars.meta_active,
+        )
+
+    def _foreach_bucket(self, bucket: list[Entry], scalars: StepScalars) -> None:
+        """One param group's parameters on one device and dtype, by the multi-tensor kernel."""
+        group = bucket[0].group
+        device, dtype = bucket[0].grad.device, bucket[0].grad.dtype
+        finite_here, ok = scalars.flags(device, dtype)
+        scale = ok * group["lr"]
+        if scalars.alpha_blocks is None:
+            alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
+                [e.state["log_alpha"] for e in bucket]
+            )
+            torch._foreach_mul_(alphas, scale)
+        else:
+            index, _ = self.block_indices(tuple(e.block for e in bucket))
+            alphas = list((scalars.alpha_blocks[index].to(device, dtype) * scale).unbind())
+        foreach_parameter_step(
+            self.base,
+            [e.param for e in bucket],
+            [e.grad for e in bucket],
+            [e.state for e in bucket],
+            group,
+            finite_here,
+            ok,
+            alphas,
+            scalars.meta_active,
+            is_decoupled(self.base, group),
+        )
+
+    def compile_failure(self, error: Exception) -> None:
+        """Stop compiling for good, with one warning, after a failed compilation.
+
+        The user's ``fused`` setting is left as it was.
+        """
+        self.compile_failed = True
+        warnings.warn(
+            f"MetaOptimize(fused=True): torch.compile failed ({error!r:.200}); continuing "
+            "with the eager path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def weight_meta_step(
+        self,
+        rule: MetaRule,
+        log_alpha: Tensor,
+        z: Tensor,
+        meta_state: dict[str, Tensor],
+        keep: Tensor,
+        bounds: tuple[float, float],
+        fused: bool,
+    ) -> None:
+        """The meta step of one parameter's per-weight step sizes (compiled with ``fused``)."""
+        contiguous = log_alpha.is_contiguous() and all(
+            v.is_contiguous() for v in meta_state.values()
+        )
+        low, high = bounds
+        if fused and not self.compile_failed and contiguous:
+            try:
+                if self._compiled_meta is None:
+                    self._compiled_meta = compile_meta_step()
+                fused_meta_step(
+                    self._compiled_meta, rule, log_alpha, z, meta_state, keep, low, high
+                )
+                return
+            except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
+                self.compile_failure(error)
+        meta_step(rule, log_alpha, z, meta_state, keep, low, high)
