@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,13 +39,15 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from metaoptimize._math import forward_mode
-from metaoptimize.base import BaseRule
+from metaoptimize.base import BaseRule, is_decoupled
 from metaoptimize.meta import MetaRule
 
 __all__ = [
     "APPROXIMATIONS",
     "TRACES",
+    "HessianStep",
     "base_step_with_tangent",
+    "hessian_trace_step",
     "hessian_vector_products",
     "meta_step_tangent",
 ]
@@ -197,3 +200,158 @@ def meta_step_tangent(
         if low > -float("inf") or high < float("inf"):
             new_beta = new_beta.clamp(low, high)
         return _tangent(new_beta), {key: _tangent(new_state[key]) for key in tangent_state}
+
+
+@dataclass
+class HessianStep:
+    """What one Hessian-trace step leaves for the meta step.
+
+    Attributes:
+        finite: 0-d bool: False when the step was skipped (``z`` or a product not finite).
+        z_block: the block meta-gradients ``Xᵀ g`` (None with per-weight step sizes).
+        z_weight: per entry, ``X g`` (per-weight step sizes).
+        z_tangent: 2×2 only, ``M[b, c] = X_bᵀ ∇²f γX_c``.
+        mixing: 2×2 only, ``B = γY + (1-γ)I``.
+    """
+
+    finite: Tensor
+    z_block: Tensor | None
+    z_weight: list[Tensor]
+    z_tangent: Tensor | None
+    mixing: Tensor | None
+
+
+def hessian_trace_step(
+    entries: Sequence[Any],
+    graph_grads: Sequence[Tensor | None],
+    base: BaseRule,
+    *,
+    columns: int,
+    per_weight: bool,
+    log_alpha: Tensor,
+    meta_trace: Tensor | None,
+) -> HessianStep:
+    """Meta-gradient, Hessian-vector products, and the base step with its trace columns.
+
+    Args:
+        entries: the parameters with a gradient (``optimizer`` entries), in step order.
+        graph_grads: each entry's gradient with its graph (``create_graph=True``).
+        base: the base rule.
+        columns: trace columns (one per block; one shared column for per-weight step sizes).
+        per_weight: one step size per weight.
+        log_alpha: the block log step sizes (unused with per-weight step sizes).
+        meta_trace: 2×2 only, the meta trace ``Y`` of ``β`` (None for the L-approximation).
+    """
+    gammas = [float(e.group["gamma"]) for e in entries]
+    home, dtype = log_alpha.device, log_alpha.dtype
+    # 1. Meta-gradient z = X^T g with the trace from before this step.
+    z_block: Tensor | None = None
+    z_weight: list[Tensor] = []
+    if per_weight:
+        z_weight = [e.state["trace"][0] * e.grad for e in entries]
+        checked = list(z_weight)
+    else:
+        z_block = torch.stack(
+            [e.state["trace"].reshape(columns, -1) @ e.grad.reshape(-1) for e in entries]
+        ).sum(0)
+        checked = [z_block]
+    # 2. Hessian-vector products ∇²f · γX_c, one per column (the gradient's tangent).
+    products = _column_products(entries, graph_grads, gammas, columns)
+    checked += [hv for column in products for hv in column]
+    finite = torch.stack([(~torch.isfinite(t)).sum().to(home) for t in checked]).sum() == 0
+    # 3. 2×2 only: z's tangent M[b, c] = X_bᵀ ∇²f γX_c, and B = γY + (1-γ)I.
+    mixing: Tensor | None = None
+    z_tangent: Tensor | None = None
+    if meta_trace is not None:
+        z_tangent = torch.stack(
+            [
+                e.state["trace"].reshape(columns, -1)
+                @ torch.stack([products[c][i] for c in range(columns)]).reshape(columns, -1).T
+                for i, e in enumerate(entries)
+            ]
+        ).sum(0)
+        eye = torch.eye(columns, dtype=dtype, device=home)
+        mixing = gammas[0] * meta_trace + (1.0 - gammas[0]) * eye
+    # 4. Base step and trace columns: X_{t+1} = G^{xy} B + γ G^{xx} X (forward mode).
+    alpha_blocks = None if per_weight else log_alpha.exp()
+    for i, (entry, gamma) in enumerate(zip(entries, gammas, strict=True)):
+        column_products = [products[c][i] for c in range(columns)]
+        _step_entry(base, entry, gamma, column_products, finite, alpha_blocks, mixing, per_weight)
+    return HessianStep(finite, z_block, z_weight, z_tangent, mixing)
+
+
+def _column_products(
+    entries: Sequence[Any],
+    graph_grads: Sequence[Tensor | None],
+    gammas: list[float],
+    columns: int,
+) -> list[list[Tensor]]:
+    """``∇²f · γX_c`` for every column ``c``, as one list of per-entry products per column."""
+    params = [e.param for e in entries]
+    products: list[list[Tensor]] = []
+    for c in range(columns):
+        if any(gammas):
+            vectors = [
+                gamma * e.state["trace"][c] for gamma, e in zip(gammas, entries, strict=True)
+            ]
+            retain = c < columns - 1
+            products.append(hessian_vector_products(graph_grads, params, vectors, retain))
+        else:
+            products.append([torch.zeros_like(e.grad) for e in entries])
+    return products
+
+
+def _step_entry(
+    base: BaseRule,
+    entry: Any,
+    gamma: float,
+    products: list[Tensor],
+    finite: Tensor,
+    alpha_blocks: Tensor | None,
+    mixing: Tensor | None,
+    per_weight: bool,
+) -> None:
+    """One parameter's base step and new trace columns (in place; kept on a skipped step)."""
+    state, group = entry.state, entry.group
+    ok = finite.to(entry.grad.dtype)
+    if alpha_blocks is None:
+        alpha = state["log_alpha"].exp() * (ok * group["lr"])
+    else:
+        alpha = alpha_blocks[entry.block].to(entry.grad.dtype) * (ok * group["lr"])
+    keys = [k[len(STATE_TRACE_PREFIX) :] for k in state if k.startswith(STATE_TRACE_PREFIX)]
+    base_state = {k: state[k] for k in (*keys, "step") if k in state}
+    grad = torch.where(finite, entry.grad, 0.0)
+    decoupled = is_decoupled(base, group)
+    new_param: Tensor | None = None
+    new_state: dict[str, Tensor] = {}
+    columns_w: list[Tensor] = []
+    columns_s: dict[str, list[Tensor]] = {k: [] for k in keys}
+    for c, product in enumerate(products):
+        if mixing is not None:
+            tangent_alpha = alpha * mixing[entry.block, c].to(alpha.dtype)
+        elif per_weight or entry.block == c:
+            tangent_alpha = alpha
+        else:
+            tangent_alpha = torch.zeros_like(alpha)
+        tangents = (
+            gamma * state["trace"][c],
+            torch.where(finite, product, 0.0),
+            tangent_alpha,
+            {k: gamma * state[STATE_TRACE_PREFIX + k][c] for k in keys},
+        )
+        stepped, stepped_state, trace_w, trace_s = base_step_with_tangent(
+            base, entry.param, grad, base_state, keys, group, ok, alpha, decoupled, tangents
+        )
+        if new_param is None:
+            new_param, new_state = stepped, stepped_state
+        columns_w.append(trace_w)
+        for k in keys:
+            columns_s[k].append(trace_s[k])
+    assert new_param is not None
+    state["trace"].copy_(torch.where(finite, torch.stack(columns_w), state["trace"]))
+    for k in keys:
+        old = state[STATE_TRACE_PREFIX + k]
+        old.copy_(torch.where(finite, torch.stack(columns_s[k]), old))
+    for k, value in new_state.items():
+        base_state[k].copy_(value)
+    entry.param.copy_(new_param)

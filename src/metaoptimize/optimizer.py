@@ -26,8 +26,7 @@ from metaoptimize.hessian import (
     APPROXIMATIONS,
     STATE_TRACE_PREFIX,
     TRACES,
-    base_step_with_tangent,
-    hessian_vector_products,
+    hessian_trace_step,
     meta_step_tangent,
     traced_state_keys,
 )
@@ -737,112 +736,19 @@ class MetaOptimize(Optimizer):
         entries = self._gather_entries()
         if not entries:
             return loss
-        layout, columns = self.layout, self._trace_columns()
+        outcome = hessian_trace_step(
+            entries,
+            [graph_grad_of[id(e.param)] for e in entries],
+            self._base,
+            columns=self._trace_columns(),
+            per_weight=self.layout.per_weight,
+            log_alpha=self._log_alpha,
+            meta_trace=self._meta_trace["log_alpha"] if self._approximation == "2x2" else None,
+        )
+        del graph_grad_of
+        finite, z_block, z_weight = outcome.finite, outcome.z_block, outcome.z_weight
+        mixing, z_tangent = outcome.mixing, outcome.z_tangent
         gammas = [float(e.group["gamma"]) for e in entries]
-
-        # 1. Meta-gradient z = X^T g with the trace from before this step.
-        z_block: Tensor | None = None
-        z_weight: list[Tensor] = []
-        if layout.per_weight:
-            z_weight = [e.state["trace"][0] * e.grad for e in entries]
-            checked = list(z_weight)
-        else:
-            z_block = torch.stack(
-                [e.state["trace"].reshape(columns, -1) @ e.grad.reshape(-1) for e in entries]
-            ).sum(0)
-            checked = [z_block]
-
-        # 2. Hessian-vector products ∇²f · γX_c, one per column (the gradient's tangent).
-        graph = [graph_grad_of[id(e.param)] for e in entries]
-        local_params = [e.param for e in entries]
-        products: list[list[Tensor]] = []
-        for c in range(columns):
-            if any(gammas):
-                vectors = [
-                    gamma * e.state["trace"][c] for gamma, e in zip(gammas, entries, strict=True)
-                ]
-                retain = c < columns - 1
-                products.append(hessian_vector_products(graph, local_params, vectors, retain))
-            else:
-                products.append([torch.zeros_like(e.grad) for e in entries])
-        del graph, graph_grad_of
-        checked += [hv for column in products for hv in column]
-        nonfinite = torch.stack([(~torch.isfinite(t)).sum().to(self._home) for t in checked]).sum()
-        finite = nonfinite == 0
-
-        # 3. 2×2 only: z's tangent M[b, c] = X_bᵀ ∇²f γX_c, and B = γY + (1-γ)I.
-        mixing: Tensor | None = None
-        z_tangent: Tensor | None = None
-        if self._approximation == "2x2":
-            z_tangent = torch.stack(
-                [
-                    e.state["trace"].reshape(columns, -1)
-                    @ torch.stack([products[c][i] for c in range(columns)]).reshape(columns, -1).T
-                    for i, e in enumerate(entries)
-                ]
-            ).sum(0)
-            gamma = gammas[0]
-            eye = torch.eye(columns, dtype=self._beta_dtype, device=self._home)
-            mixing = gamma * self._meta_trace["log_alpha"] + (1.0 - gamma) * eye
-
-        # 4. Base step and trace columns: X_{t+1} = G^{xy} B + γ G^{xx} X (forward mode).
-        alpha_blocks = None if layout.per_weight else self._log_alpha.exp()
-        ok_cache: dict[torch.dtype, Tensor] = {}
-        for i, (e, gamma) in enumerate(zip(entries, gammas, strict=True)):
-            state, group = e.state, e.group
-            if e.grad.dtype not in ok_cache:
-                ok_cache[e.grad.dtype] = finite.to(e.grad.dtype)
-            ok = ok_cache[e.grad.dtype]
-            if alpha_blocks is None:
-                alpha = state["log_alpha"].exp() * (ok * group["lr"])
-            else:
-                alpha = alpha_blocks[e.block].to(e.grad.dtype) * (ok * group["lr"])
-            keys = [k[len(STATE_TRACE_PREFIX) :] for k in state if k.startswith(STATE_TRACE_PREFIX)]
-            base_state = {k: state[k] for k in (*keys, "step") if k in state}
-            grad = torch.where(finite, e.grad, 0.0)
-            decoupled = is_decoupled(self._base, group)
-            new_param: Tensor | None = None
-            new_state: dict[str, Tensor] = {}
-            columns_w: list[Tensor] = []
-            columns_s: dict[str, list[Tensor]] = {k: [] for k in keys}
-            for c in range(columns):
-                if mixing is not None:
-                    tangent_alpha = alpha * mixing[e.block, c].to(alpha.dtype)
-                elif layout.per_weight or e.block == c:
-                    tangent_alpha = alpha
-                else:
-                    tangent_alpha = torch.zeros_like(alpha)
-                tangents = (
-                    gamma * state["trace"][c],
-                    torch.where(finite, products[c][i], 0.0),
-                    tangent_alpha,
-                    {k: gamma * state[STATE_TRACE_PREFIX + k][c] for k in keys},
-                )
-                stepped, stepped_state, trace_w, trace_s = base_step_with_tangent(
-                    self._base,
-                    e.param,
-                    grad,
-                    base_state,
-                    keys,
-                    group,
-                    ok,
-                    alpha,
-                    decoupled,
-                    tangents,
-                )
-                if new_param is None:
-                    new_param, new_state = stepped, stepped_state
-                columns_w.append(trace_w)
-                for k in keys:
-                    columns_s[k].append(trace_s[k])
-            assert new_param is not None
-            state["trace"].copy_(torch.where(finite, torch.stack(columns_w), state["trace"]))
-            for k in keys:
-                old = state[STATE_TRACE_PREFIX + k]
-                old.copy_(torch.where(finite, torch.stack(columns_s[k]), old))
-            for k, value in new_state.items():
-                base_state[k].copy_(value)
-            e.param.copy_(new_param)
 
         # 5. Meta step (and, for 2×2, its tangents Y) with the pre-step β and meta state.
         if z_block is not None:
