@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["ema_square", "ema_square_", "forward_mode", "sqrt"]
+__all__ = ["as_dtype", "ema_square", "ema_square_", "forward_mode", "sqrt"]
 
 _FORWARD_MODE = False
 
@@ -57,3 +57,12 @@ def ema_square_(average: Tensor, value: Tensor, weight: Tensor | float) -> Tenso
 def ema_square(average: Tensor, value: Tensor, weight: Tensor | float) -> Tensor:
     """Out-of-place :func:`ema_square_`."""
     return average * (1.0 - weight) + (value * weight) * value
+
+
+def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the call when the dtype already matches.
+
+    Per-tensor loops run this several times per parameter and step; a no-op ``to()`` still
+    costs a dispatch, which on small tensors is a measurable share of the step.
+    """
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

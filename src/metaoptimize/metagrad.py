@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metaoptimize._math import as_dtype
+
 __all__ = ["MetaGradient", "meta_gradient"]
 
 
@@ -96,6 +98,17 @@ def meta_gradient(
     return MetaGradient(nonfinite == 0, None, weight)
 
 
+def _partial(
+    trace: Tensor, grad: Tensor, share: float, home: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """This rank's ``<h, g>`` for one parameter, weighted by its share, on the home device."""
+    dot = torch.dot(as_dtype(trace, grad.dtype).flatten(), grad.flatten())
+    if dot.device != home:
+        dot = dot.to(home)
+    dot = as_dtype(dot, dtype)
+    return dot if share == 1.0 else dot * share
+
+
 def _block_meta_gradient(
     entries: Sequence[_Entry],
     num_blocks: int,
@@ -108,10 +121,7 @@ def _block_meta_gradient(
     traces = ("trace", "wd_trace") if learn_weight_decay else ("trace",)
     z = torch.zeros(len(traces) * num_blocks, dtype=dtype, device=home)
     partials = [
-        torch.dot(e.state[key].flatten().to(e.grad.dtype), e.grad.flatten()).to(home, dtype)
-        * e.share
-        for key in traces
-        for e in entries
+        _partial(e.state[key], e.grad, e.share, home, dtype) for key in traces for e in entries
     ]
     if partials:
         assert block_index is not None

@@ -17,6 +17,7 @@ from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import (
     triton_available,
 )
+from metaoptimize._math import as_dtype
 from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
 from metaoptimize._types import Entry
 from metaoptimize._validation import check_betas, check_number, check_range
@@ -800,6 +801,7 @@ class MetaOptimize(Optimizer):
         layout = self.layout
         entries: list[Entry] = []
         position = 0
+        sharded = self._mesh() is not None
         for group in self.param_groups:
             for p in group["params"]:
                 block = layout.block_of_param[position]
@@ -814,14 +816,16 @@ class MetaOptimize(Optimizer):
                 elif self._meta.active and "trace" not in state:
                     # Loaded from a run whose meta rule was off: start the trace at zero.
                     state["trace"] = self._new_trace(p)
-                local_state = {
-                    k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
-                }
+                local_state = state
+                if sharded:  # DTensor state is viewed as this rank's shard
+                    local_state = {
+                        k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
+                    }
                 entries.append(
                     Entry(
                         group,
                         _local(p),
-                        _local(p.grad).to(state_dtype(p)),
+                        as_dtype(_local(p.grad), state_dtype(p)),
                         local_state,
                         block,
                         self._share(p),

@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from metaoptimize._math import as_dtype
 from metaoptimize.base import BaseRule, has_decay
 from metaoptimize.meta import MetaRule
 
@@ -54,9 +55,9 @@ def parameter_step(
     own = u is not grad and all(u is not value for value in state.values())
     kappa = group["weight_decay"]  # a float, or a 0-d tensor when it is learned
     if decoupled and isinstance(kappa, Tensor):
-        delta = (u + kappa * param.to(u.dtype)).mul_(-alpha)
+        delta = (u + kappa * as_dtype(param, u.dtype)).mul_(-alpha)
     elif decoupled and kappa:
-        delta = (u.add_ if own else u.add)(param.to(u.dtype), alpha=kappa).mul_(-alpha)
+        delta = (u.add_ if own else u.add)(as_dtype(param, u.dtype), alpha=kappa).mul_(-alpha)
     else:
         delta = u.mul_(-alpha) if own else u * (-alpha)
     if with_trace:
@@ -74,7 +75,7 @@ def parameter_step(
                 if "wd_trace" in state:
                     # Trace of the log weight decay θ: ∂w_{t+1}/∂θ_t = -α κ s w (math.md §12).
                     state["wd_trace"].mul_(gamma * decay).add_(
-                        -(alpha * kappa) * slope_w * param.to(trace.dtype)
+                        -(alpha * kappa) * slope_w * as_dtype(param, trace.dtype)
                     )
                 trace.mul_(gamma * decay)
         else:
@@ -90,7 +91,7 @@ def parameter_step(
         comp.copy_(total - (new.to(delta.dtype) - old))
         param.copy_(new)
     else:
-        param.add_(delta.to(param.dtype))
+        param.add_(as_dtype(delta, param.dtype))
 
 
 def meta_step(
