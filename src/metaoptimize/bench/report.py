@@ -371,9 +371,12 @@ def write_report(
     lines += [
         (
             "Each cell is the mean ± std over seeds of the task's metric at the end of "
-            "training (mean only with one seed). Fixed-lr and scheduled baselines show the best value of their grid "
-            "and how many runs that grid cost; MetaOptimize rows are untuned (default "
-            "alpha0); learning-rate-free baselines run at their defaults."
+            "training (mean only with one seed). Fixed-lr and scheduled baselines show the "
+            "best value of their grid and how many runs that grid cost; MetaOptimize rows are "
+            "untuned (default alpha0); learning-rate-free baselines run at their defaults. "
+            "Every optimizer runs the code path a user gets without flags: for MetaOptimize "
+            "on CPU, the per-tensor kernel with host scalars (docs/performance.md); ms/step is "
+            "the whole training step, on one thread per run."
         ),
         "",
     ]
