@@ -372,6 +372,13 @@ def test_ctrl_c_stops_parallel_workers_within_seconds(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "metaoptimize", *_sweep_argv(tmp_path)]
     argv[argv.index("--steps") + 1] = "100000"  # minutes of work per run
     argv[argv.index("--jobs") + 1] = "2"
+    # A shell starts background jobs with SIGINT ignored and children inherit that (CI may run
+    # this suite so); a terminal's foreground job, which this models, handles it.
+    handled = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'metaoptimize'; runpy.run_module('metaoptimize', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", handled, *argv[3:]]
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(12)  # the workers have started and are training
     assert process.poll() is None
