@@ -158,6 +158,8 @@ def test_wrap_errors() -> None:
         ({"meta_lr": float("nan")}, ValueError, r"Invalid meta_lr"),
         ({"gamma": "x"}, TypeError, r"Invalid gamma"),
         ({"gamma": 1.5}, ValueError, r"Invalid gamma"),
+        ({"meta_eps": -1e-8}, ValueError, r"Invalid meta_eps"),
+        ({"meta_eps": "x"}, TypeError, r"Invalid meta_eps"),
     ],
 )
 def test_wrap_validates_its_arguments_like_metaoptimize(

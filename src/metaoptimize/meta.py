@@ -191,12 +191,13 @@ def get_meta_rule(
     """Build the meta rule ``name`` with validated hyperparameters.
 
     ``meta_lr=None`` takes the rule's own default (:attr:`MetaRule.default_lr`). This is
-    the one check of ``meta_lr`` for every entry point (MetaOptimize, wrap, optax).
+    the one check of ``meta_lr``, ``meta_betas`` and ``meta_eps`` for every entry point
+    (MetaOptimize, its load_state_dict, wrap, optax).
 
     Raises:
-        ValueError: unknown ``name``, a negative or non-finite ``meta_lr``, or wrong
-            ``meta_betas``.
-        TypeError: ``meta_lr`` is not a number.
+        ValueError: unknown ``name``, a negative or non-finite ``meta_lr`` or ``eps``, or
+            wrong ``meta_betas``.
+        TypeError: ``meta_lr`` or ``eps`` is not a number.
     """
     if name not in META_RULES:
         raise ValueError(f"Invalid meta: {name!r}; choose one of {sorted(META_RULES)}")
@@ -213,4 +214,7 @@ def get_meta_rule(
         raise ValueError(f"Invalid meta_betas: {betas!r}; meta {name!r} takes no betas")
     else:
         betas = check_betas(betas, len(expected), "meta_betas", rule_cls.betas_one_allowed)
+    eps = check_number(eps, "meta_eps")
+    if eps < 0.0:
+        raise ValueError(f"Invalid meta_eps: {eps}; need meta_eps >= 0")
     return rule_cls(meta_lr, betas, eps)

@@ -203,9 +203,6 @@ class MetaOptimize(Optimizer):
         if not isinstance(meta, str):
             raise TypeError(f"Invalid meta: {meta!r}; expected a rule name")
         self._base: BaseRule = get_base_rule(base)
-        meta_eps = check_number(meta_eps, "meta_eps")
-        if meta_eps < 0.0:
-            raise ValueError(f"Invalid meta_eps: {meta_eps}; need meta_eps >= 0")
         self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
         if not isinstance(learn_weight_decay, bool):
             raise TypeError(f"Invalid learn_weight_decay: {learn_weight_decay!r}; expected a bool")
@@ -1015,10 +1012,8 @@ class MetaOptimize(Optimizer):
             return self._meta, self._wd_meta, self._log_bounds
         if not isinstance(saved, dict):
             raise TypeError(f"Invalid state_dict: hyperparameters {saved!r} is not a dict")
-        name, betas, eps = self._meta.name, saved.get("meta_betas"), saved.get("meta_eps")
-        eps = check_number(eps, "meta_eps")
-        if eps < 0.0:
-            raise ValueError(f"Invalid state_dict: meta_eps {eps}; need meta_eps >= 0")
+        name, betas = self._meta.name, saved.get("meta_betas")
+        eps = cast(float, saved.get("meta_eps"))  # get_meta_rule checks it
         meta = get_meta_rule(name, saved.get("meta_lr"), betas, eps)
         wd_meta = get_meta_rule(name, saved.get("weight_decay_meta_lr"), betas, eps)
         return meta, wd_meta, restored_bounds(saved.get("log_alpha_bounds"))
