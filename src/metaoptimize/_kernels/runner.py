@@ -161,9 +161,10 @@ class KernelRunner:
             group = {**group, "weight_decay": kappa}
         return group, finite_here, ok, alpha
 
-    def _eager_entry(self, entry: Entry, scalars: StepScalars) -> None:
+    def _parameter_step_arguments(self, entry: Entry, scalars: StepScalars) -> tuple[Any, ...]:
+        """:func:`parameter_step`'s arguments for one entry, with device scalars."""
         group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
-        parameter_step(
+        return (
             self.base,
             entry.param,
             entry.grad,
@@ -176,21 +177,11 @@ class KernelRunner:
             is_decoupled(self.base, entry.group),
         )
 
+    def _eager_entry(self, entry: Entry, scalars: StepScalars) -> None:
+        parameter_step(*self._parameter_step_arguments(entry, scalars))
+
     def _compiled_entry(self, entry: Entry, scalars: StepScalars) -> None:
-        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
-        fused_parameter_step(
-            self.compiled_step(),
-            self.base,
-            entry.param,
-            entry.grad,
-            entry.state,
-            group,
-            finite_here,
-            ok,
-            alpha,
-            scalars.meta_active,
-            is_decoupled(self.base, entry.group),
-        )
+        fused_parameter_step(self.compiled_step(), *self._parameter_step_arguments(entry, scalars))
 
     def _triton_entry(self, entry: Entry, scalars: StepScalars) -> None:
         group, _, ok, alpha = self._device_arguments(entry, scalars)
