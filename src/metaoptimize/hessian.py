@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from metaoptimize._math import forward_mode
+from metaoptimize._types import Entry
 from metaoptimize.base import BaseRule, is_decoupled
 from metaoptimize.meta import MetaRule
 
@@ -222,7 +223,7 @@ class HessianStep:
 
 
 def hessian_trace_step(
-    entries: Sequence[Any],
+    entries: Sequence[Entry],
     graph_grads: Sequence[Tensor | None],
     base: BaseRule,
     *,
@@ -281,7 +282,7 @@ def hessian_trace_step(
 
 
 def _column_products(
-    entries: Sequence[Any],
+    entries: Sequence[Entry],
     graph_grads: Sequence[Tensor | None],
     gammas: list[float],
     columns: int,
@@ -303,7 +304,7 @@ def _column_products(
 
 def _step_entry(
     base: BaseRule,
-    entry: Any,
+    entry: Entry,
     gamma: float,
     products: list[Tensor],
     finite: Tensor,

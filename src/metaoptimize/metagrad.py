@@ -11,24 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from metaoptimize._math import as_dtype
+from metaoptimize._types import Entry
 
 __all__ = ["MetaGradient", "meta_gradient"]
-
-
-class _Entry(Protocol):
-    """What this module reads of a parameter entry (``optimizer._Entry``)."""
-
-    grad: Tensor
-    state: dict[str, Any]
-    block: int
-    share: float
 
 
 @dataclass
@@ -48,7 +40,7 @@ class MetaGradient:
 
 
 def meta_gradient(
-    entries: Sequence[_Entry],
+    entries: Sequence[Entry],
     *,
     num_blocks: int,
     block_index: Tensor | None,
@@ -110,7 +102,7 @@ def _partial(
 
 
 def _block_meta_gradient(
-    entries: Sequence[_Entry],
+    entries: Sequence[Entry],
     num_blocks: int,
     block_index: Tensor | None,
     learn_weight_decay: bool,

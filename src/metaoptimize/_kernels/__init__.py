@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from torch import Tensor
+from typing import Any
 
 from metaoptimize._kernels.compiled import supports_fused
 from metaoptimize._kernels.triton import triton_supports
+from metaoptimize._types import Entry
 
 __all__ = [
     "COMPILED",
@@ -39,13 +38,6 @@ EAGER = "eager"
 FOREACH = "foreach"
 COMPILED = "compiled"
 TRITON = "triton"
-
-
-class _Entry(Protocol):
-    param: Tensor
-    grad: Tensor
-    state: dict[str, Any]
-    group: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -85,10 +77,10 @@ class Bucket:
     """
 
     kernel: str
-    entries: list[Any] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
 
 
-def choose_kernel(entry: _Entry, options: KernelOptions, decoupled: bool) -> str:
+def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     """The kernel for one parameter (a pure function of the entry and the options)."""
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
@@ -117,7 +109,7 @@ def choose_kernel(entry: _Entry, options: KernelOptions, decoupled: bool) -> str
 
 
 def plan_kernels(
-    entries: Sequence[_Entry],
+    entries: Sequence[Entry],
     options: KernelOptions,
     decoupled: Callable[[dict[str, Any]], bool],
 ) -> list[Bucket]:
