@@ -125,6 +125,15 @@ def _check_task(name: str, data_dir: str | None) -> None:
             raise UsageError(str(error)) from error
 
 
+def _optimizer_spec(name: str) -> Any:
+    """The harness entry ``name``, or a usage error."""
+    from metaoptimize.bench.optimizers import OPTIMIZERS
+
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}; see 'metaoptimize list optimizers'")
+    return OPTIMIZERS[name]
+
+
 def _check_optimizer(
     name: str, options: dict[str, Any], values: Sequence[float | None] = (None,)
 ) -> None:
@@ -134,11 +143,9 @@ def _check_optimizer(
     """
     import torch
 
-    from metaoptimize.bench.optimizers import OPTIMIZERS, MissingDependency
+    from metaoptimize.bench.optimizers import MissingDependency
 
-    if name not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {name!r}; see 'metaoptimize list optimizers'")
-    spec = OPTIMIZERS[name]
+    spec = _optimizer_spec(name)
     if spec.sweep_key and spec.sweep_key in options:
         raise UsageError(
             f"--set {spec.sweep_key}=... conflicts with the swept value: pass {spec.sweep_key} "
@@ -223,9 +230,12 @@ def _progress(total: int, description: str) -> Callable[[Any], None]:
             )
 
         return plain
-    bar = tqdm(total=total, desc=description, unit="run", file=sys.stderr)
+    bars: list[Any] = []  # created at the first outcome, after any resume message
 
     def update(outcome: Any) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=description, unit="run", file=sys.stderr))
+        bar = bars[0]
         bar.update(1)
         bar.set_postfix_str(outcome.config.task, refresh=False)
         if bar.n >= total:
@@ -237,16 +247,23 @@ def _progress(total: int, description: str) -> Callable[[Any], None]:
 def _execute(
     configs: list[Any], out: Path, jobs: int, description: str
 ) -> tuple[list[Any], list[str]]:
-    from metaoptimize.bench.runner import execute, stored_record
+    from metaoptimize.bench.runner import execute
 
-    done = sum(stored_record(out, config) is not None for config in configs)
-    if done:
-        print(
-            f"resuming {out}: {done} of {len(configs)} runs already done, "
-            f"{len(configs) - done} to go",
-            file=sys.stderr,
-        )
-    outcomes = execute(configs, out, jobs=jobs, on_outcome=_progress(len(configs), description))
+    def resuming(done: int) -> None:
+        if done:
+            print(
+                f"resuming {out}: {done} of {len(configs)} runs already done, "
+                f"{len(configs) - done} to go",
+                file=sys.stderr,
+            )
+
+    outcomes = execute(
+        configs,
+        out,
+        jobs=jobs,
+        on_outcome=_progress(len(configs), description),
+        on_resume=resuming,
+    )
     notes = sorted(
         {f"skipped {o.config.optimizer}: {o.message}" for o in outcomes if o.status == "skipped"}
     )
@@ -391,14 +408,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A resumable grid over lr or alpha0 and seeds."""
-    from metaoptimize.bench.optimizers import OPTIMIZERS
     from metaoptimize.bench.runner import RunConfig
     from metaoptimize.bench.suite import sweep_values
 
     options = parse_set(args.set)
     _check_task(args.task, args.data_dir)
-    _check_optimizer(args.optimizer, options)
-    if not OPTIMIZERS[args.optimizer].sweep_key:
+    if not _optimizer_spec(args.optimizer).sweep_key:
         raise UsageError(f"optimizer {args.optimizer!r} has no lr or alpha0 to sweep")
     values = (
         _floats(args.values, "--values")

@@ -332,12 +332,14 @@ def execute(
     out_dir: Path,
     jobs: int = 1,
     on_outcome: Callable[[RunOutcome], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> list[RunOutcome]:
     """Run ``configs``, skipping those already stored under ``out_dir``.
 
     Runs go to ``jobs`` worker processes (in this process when ``jobs`` is 1). Each finished
     run is written atomically as soon as it ends; a stored record that cannot be read is
-    reported and run again. On KeyboardInterrupt the workers are terminated at once and the
+    reported and run again. ``on_resume`` hears how many runs were already stored, before
+    any outcome is reported. On KeyboardInterrupt the workers are terminated at once and the
     exception propagates, with every finished run kept.
     """
     outcomes: list[RunOutcome] = []
@@ -348,6 +350,8 @@ def execute(
             outcomes.append(RunOutcome(config, "cached", record))
         else:
             pending.append(config)
+    if on_resume:
+        on_resume(len(outcomes))
     for outcome in outcomes:
         if on_outcome:
             on_outcome(outcome)
