@@ -20,10 +20,6 @@ __all__ = ["check_section_tensors", "check_state_tensor", "restored_bounds"]
 _NONNEGATIVE = ("step", "exp_avg_sq", "square_avg", "scale", "sum_sq", "skipped_steps")
 
 
-def _values(tensor: Tensor, local: Callable[[Tensor], Tensor]) -> Tensor:
-    return local(tensor).detach()
-
-
 def check_state_tensor(
     where: str,
     key: str,
@@ -52,7 +48,7 @@ def check_state_tensor(
         )
     if not (value.is_floating_point() or value.is_complex()):
         return
-    values = _values(value, local)
+    values = local(value).detach()
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"Invalid state_dict: {where}[{key!r}] has NaN or infinite values")
     if key.removeprefix("meta_") in _NONNEGATIVE and bool((values < 0).any()):

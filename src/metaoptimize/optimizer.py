@@ -746,14 +746,14 @@ class MetaOptimize(Optimizer):
         del graph_grad_of
         finite, z_block, z_weight = outcome.finite, outcome.z_block, outcome.z_weight
         mixing, z_tangent = outcome.mixing, outcome.z_tangent
-        gammas = [float(e.group["gamma"]) for e in entries]
 
         # 5. Meta step (and, for 2×2, its tangents Y) with the pre-step β and meta state.
         if z_block is not None:
             _, active = self._block_indices(tuple(e.block for e in entries))
             keep = active & finite
             if mixing is not None and z_tangent is not None:
-                self._update_meta_trace(z_block, z_tangent, mixing, gammas[0], keep, finite)
+                gamma = float(entries[0].group["gamma"])  # one gamma: 2x2 requires it
+                self._update_meta_trace(z_block, z_tangent, mixing, gamma, keep, finite)
             self._meta_step(self._log_alpha, z_block, self._meta_state, keep)
         else:
             self._weight_meta_steps(entries, z_weight, finite)
