@@ -1,10 +1,16 @@
-"""One table of optimizer cases drives the reference, resume and no-sync tests."""
+"""One table of optimizer cases drives the reference, resume, no-sync and kernel tests.
+
+Each kernel test takes the cases its kernel supports from the same table, by capability
+(:attr:`Case.triton`) or as one case per base rule (:data:`ONE_PER_BASE`).
+"""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor, nn
 
 # (base, extra group hyperparameters) covering every base rule and style.
 BASES: list[tuple[str, dict[str, Any]]] = [
@@ -24,6 +30,8 @@ METAS = ["fixed", "sgd", "rmsprop", "adam", "lion", "auto"]
 BLOCKS = ["scalar", "group", "tensor", "weight", "explicit"]
 GAMMAS = [0.0, 0.9, 1.0]
 WEIGHT_DECAYS = [0.0, 0.1]
+#: Base rules with a Triton kernel (``fused=True`` on CUDA).
+TRITON_BASES = ("adamw", "lion")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,23 @@ class Case:
             **self.extra,
         }
 
+    @property
+    def triton(self) -> bool:
+        """Whether the Triton kernel runs this case (block-level step sizes, its bases)."""
+        return self.base in TRITON_BASES and self.blocks != "weight"
+
+    def groups(self, model: nn.Module) -> tuple[list[dict[str, Any]], Any]:
+        """Two param groups of a ``TinyNet`` (one with an lr multiplier) and the blocks."""
+        hidden, out = model.hidden, model.out
+        groups = [
+            {"params": list(hidden.parameters())},
+            {"params": list(out.parameters()), "lr": 0.5},
+        ]
+        if self.blocks == "explicit":
+            explicit: list[list[Tensor]] = [[hidden.weight, out.bias], [hidden.bias, out.weight]]
+            return groups, explicit
+        return groups, self.blocks
+
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.extra.items())
         return f"{self.base}[{extra}]-{self.meta}-{self.blocks}-g{self.gamma}-wd{self.weight_decay}"
@@ -71,3 +96,5 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
+#: Every base rule and style once, with meta rule, blocks, gamma and weight decay rotating.
+ONE_PER_BASE = [CASES[i * len(METAS) + i % len(METAS)] for i in range(len(BASES))]

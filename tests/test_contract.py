@@ -487,12 +487,12 @@ def test_a_rejected_param_group_does_not_stay() -> None:
     """Issue 16 item 6: the group is removed again, nothing else changes, a retry works."""
     model = TinyNet()
     opt = MetaOptimize(model.hidden.parameters(), alpha0=1e-3)
-    log_alpha = opt._log_alpha.clone()
+    step_sizes = opt.step_sizes()
     with pytest.raises(ValueError, match=r"Invalid alpha0: block 'all' spans param groups"):
         opt.add_param_group({"params": list(model.out.parameters()), "alpha0": 1e-2})
     assert len(opt.param_groups) == 1
     assert len(opt.layout.block_of_param) == 2  # the hidden layer's weight and bias only
-    assert torch.equal(opt._log_alpha, log_alpha)
+    assert opt.step_sizes() == step_sizes
     opt.add_param_group({"params": list(model.out.parameters()), "alpha0": 1e-3})
     assert len(opt.param_groups) == 2
     train(model, opt, batches(2))
@@ -504,12 +504,12 @@ def test_a_rejected_param_group_with_learned_weight_decay_changes_nothing() -> N
     opt = MetaOptimize(
         model.hidden.parameters(), weight_decay=0.1, learn_weight_decay=True, blocks="scalar"
     )
-    log_alpha, log_wd = opt._log_alpha.clone(), opt._log_wd.clone()
+    step_sizes, weight_decays = opt.step_sizes(), opt.weight_decays()
     with pytest.raises(ValueError, match=r"Invalid weight_decay: block 'all'"):
         opt.add_param_group({"params": list(model.out.parameters()), "weight_decay": 0.2})
     assert len(opt.param_groups) == 1
-    assert torch.equal(opt._log_alpha, log_alpha)
-    assert torch.equal(opt._log_wd, log_wd)
+    assert opt.step_sizes() == step_sizes
+    assert opt.weight_decays() == weight_decays
 
 
 @pytest.mark.parametrize("blocks", ["scalar", "group", "tensor", "weight"])

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
 from cases import CASES, Case
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
-
-
-def _groups(model: TinyNet, case: Case) -> Any:
-    if case.blocks == "explicit":
-        return [
-            {"params": list(model.hidden.parameters())},
-            {"params": list(model.out.parameters()), "lr": 0.5},
-        ], [[model.hidden.weight, model.out.bias], [model.hidden.bias, model.out.weight]]
-    return [
-        {"params": list(model.hidden.parameters())},
-        {"params": list(model.out.parameters()), "lr": 0.5},
-    ], case.blocks
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -31,7 +17,7 @@ def test_foreach_equals_per_tensor(case: Case) -> None:
     foreach_model = clone_model(per_tensor_model)
     optimizers = []
     for model, foreach in ((per_tensor_model, False), (foreach_model, True)):
-        groups, blocks = _groups(model, case)
+        groups, blocks = case.groups(model)
         optimizers.append(MetaOptimize(groups, blocks=blocks, foreach=foreach, **case.kwargs()))
     for step, batch in enumerate(batches(12)):
         for model, opt in zip((per_tensor_model, foreach_model), optimizers, strict=True):
@@ -65,7 +51,7 @@ def test_foreach_step_reads_no_tensor_value(case: Case) -> None:
     from test_contract import _forbid_host_sync
 
     model = TinyNet().to("meta")
-    groups, blocks = _groups(model, case)
+    groups, blocks = case.groups(model)
     opt = MetaOptimize(groups, blocks=blocks, foreach=True, **case.kwargs())
     for _ in range(2):
         for p in model.parameters():

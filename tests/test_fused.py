@@ -7,42 +7,19 @@ from typing import Any
 import pytest
 import torch
 
-from cases import BASES
+from cases import ONE_PER_BASE, Case
 from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 
-# Every base rule and style, with meta rules and block modes rotating.
-_METAS = ["lion", "adam", "fixed", "sgd", "rmsprop", "auto"]
-_BLOCKS = ["scalar", "weight", "tensor", "group"]
-CASES = [
-    {
-        "base": base,
-        **extra,
-        "meta": _METAS[i % 5],
-        "blocks": _BLOCKS[i % 4],
-        "weight_decay": 0.1 if i % 2 == 0 else 0.0,
-        "gamma": (1.0, 0.9)[i % 2],
-        "meta_lr": 0.5 if _METAS[i % 5] == "sgd" else 0.05,
-    }
-    for i, (base, extra) in enumerate(BASES)
-]
 
-
-@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: "-".join(str(v) for v in k.values()))
-def test_fused_equals_eager(kwargs: dict[str, Any]) -> None:
-    kwargs = {"alpha0": 0.01, "meta_lr": 0.05, **kwargs}
+@pytest.mark.parametrize("case", ONE_PER_BASE, ids=str)
+def test_fused_equals_eager(case: Case) -> None:
     eager_model = TinyNet()
     fused_model = clone_model(eager_model)
-    groups = [
-        {"params": list(eager_model.hidden.parameters())},
-        {"params": list(eager_model.out.parameters()), "lr": 0.5},
-    ]
-    fused_groups = [
-        {"params": list(fused_model.hidden.parameters())},
-        {"params": list(fused_model.out.parameters()), "lr": 0.5},
-    ]
-    eager = MetaOptimize(groups, **kwargs)
-    fused = MetaOptimize(fused_groups, fused=True, **kwargs)
+    eager_groups, blocks = case.groups(eager_model)
+    fused_groups, fused_blocks = case.groups(fused_model)
+    eager = MetaOptimize(eager_groups, blocks=blocks, **case.kwargs())
+    fused = MetaOptimize(fused_groups, blocks=fused_blocks, fused=True, **case.kwargs())
     for step, batch in enumerate(batches(15)):
         for model, opt in ((eager_model, eager), (fused_model, fused)):
             model.zero_grad(set_to_none=True)

@@ -61,11 +61,11 @@ def _run(
             ]
         )
         if approximation == "2x2":
-            ys.append(opt._meta_trace["log_alpha"].clone())
+            ys.append(opt._hessian.meta_trace["log_alpha"].clone())
         opt.step(lambda batch=batch: loss_fn(model, batch))
     traces.append([opt.state[p]["trace"].clone() for p in model.parameters()])
     if approximation == "2x2":
-        ys.append(opt._meta_trace["log_alpha"].clone())
+        ys.append(opt._hessian.meta_trace["log_alpha"].clone())
     return opt, model, traces, ys
 
 
@@ -90,7 +90,8 @@ def _unrolled(
     else:
         count = 1 if blocks == "scalar" else len(w)
         beta = [torch.full((count,), math.log(ALPHA0), dtype=DTYPE)]
-    rule = get_meta_rule(opt._meta.name, opt._meta.meta_lr, opt._meta.betas, opt._meta.eps)
+    own = opt._step_size.rule
+    rule = get_meta_rule(own.name, own.meta_lr, own.betas, own.eps)
     meta_state = [rule.init_state(b) for b in beta]
     base_state: list[dict[str, Tensor]] = [{} for _ in w]
     data = batches(STEPS)
@@ -349,8 +350,8 @@ def test_hessian_resume_is_bitwise(kwargs: dict[str, Any]) -> None:
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         for key, value in opt.state[p].items():
             assert torch.equal(value, second.state[q][key]), key
-    for key, value in opt._meta_trace.items():
-        assert torch.equal(value, second._meta_trace[key])
+    for key, value in opt._hessian.meta_trace.items():
+        assert torch.equal(value, second._hessian.meta_trace[key])
 
 
 def test_state_dict_of_another_trace_is_rejected() -> None:
@@ -370,13 +371,13 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing() -> None:
     _train(model, opt, batches(2))
     before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
     weights = [p.detach().clone() for p in model.parameters()]
-    meta_trace = {k: v.clone() for k, v in opt._meta_trace.items()}
+    meta_trace = {k: v.clone() for k, v in opt._hessian.meta_trace.items()}
     opt.step(lambda: loss_fn(model, batches(1)[0]) * float("nan"))
     assert int(opt.skipped_steps) == 1
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     for key, value in opt.state_dict()["state"][0].items():
         assert torch.equal(value, before[key]), key
-    for key, value in opt._meta_trace.items():
+    for key, value in opt._hessian.meta_trace.items():
         assert torch.equal(value, meta_trace[key])
 
 
@@ -397,7 +398,7 @@ def test_new_param_group_adds_a_zero_trace_column() -> None:
     assert columns == 2
     assert opt.state[model.hidden.weight]["trace"].shape[0] == 4
     assert opt.state[model.out.weight]["trace"].shape[0] == 4
-    assert opt._meta_trace["log_alpha"].shape == (4, 4)
+    assert opt._hessian.meta_trace["log_alpha"].shape == (4, 4)
     assert int(opt.skipped_steps) == 0
 
 

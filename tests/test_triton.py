@@ -6,13 +6,13 @@ Run through Triton's interpreter on CPU (``TRITON_INTERPRET=1``); skipped withou
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
+from cases import CASES, Case
 from helpers import TinyNet, batches, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 from metaoptimize._kernels import triton as _triton
@@ -29,24 +29,16 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _triton._KERNELS.clear()
 
 
-CASES = [
-    {"base": base, "meta": meta, "blocks": blocks, "weight_decay": wd, "gamma": gamma}
-    for (base, meta), blocks, (wd, gamma) in itertools.product(
-        [("adamw", "lion"), ("adamw", "adam"), ("lion", "sgd"), ("lion", "fixed")],
-        ["scalar", "tensor"],
-        [(0.1, 0.9), (0.0, 1.0)],
-    )
-]
+# The Triton kernel's cases from the shared table: AdamW and Lion with every meta rule, then
+# every sixth of the AdamW/Lion block-mode x gamma x weight-decay grid.
+_SUPPORTED = [case for case in CASES if case.triton]
+TRITON_CASES = _SUPPORTED[:12] + _SUPPORTED[12::6]
 
 
-def _train(kwargs: dict[str, Any], **options: Any) -> tuple[TinyNet, MetaOptimize]:
+def _train(case: Case, **options: Any) -> tuple[TinyNet, MetaOptimize]:
     model = TinyNet()
-    groups = [
-        {"params": list(model.hidden.parameters())},
-        {"params": list(model.out.parameters()), "lr": 0.5},
-    ]
-    settings = {"alpha0": 0.01, "meta_lr": 0.5 if kwargs["meta"] == "sgd" else 0.05, **kwargs}
-    opt = MetaOptimize(groups, **settings, **options)
+    groups, blocks = case.groups(model)
+    opt = MetaOptimize(groups, blocks=blocks, **case.kwargs(), **options)
     # The Triton kernels run on CUDA, where step() keeps every scalar on the device and a
     # skipped step reaches the kernel with ok = 0: the same here, in the interpreter.
     opt._device_scalars = bool(options.get("fused"))
@@ -69,8 +61,8 @@ def _assert_same(a: tuple[TinyNet, MetaOptimize], b: tuple[TinyNet, MetaOptimize
     assert int(opt_a.skipped_steps) == int(opt_b.skipped_steps) == 1
 
 
-@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: "-".join(str(v) for v in k.values()))
-def test_triton_kernel_equals_per_tensor_path(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_kernel_equals_per_tensor_path(case: Case) -> None:
     calls = []
     original = _triton.triton_parameter_step
 
@@ -78,27 +70,27 @@ def test_triton_kernel_equals_per_tensor_path(kwargs: dict[str, Any]) -> None:
         calls.append(args[0])
         original(*args, **kw)
 
-    per_tensor = _train(kwargs)
+    per_tensor = _train(case)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("metaoptimize._kernels.runner.triton_parameter_step", counting)
-        triton_run = _train(kwargs, fused=True, fused_backend="triton")
+        triton_run = _train(case, fused=True, fused_backend="triton")
     assert len(calls) == 10 * 4  # every step, every tensor went through the kernel
     _assert_same(per_tensor, triton_run)
 
 
 def test_unsupported_base_uses_the_compiled_kernel() -> None:
-    kwargs = {"base": "adam", "meta": "adam", "blocks": "scalar", "weight_decay": 0.1}
+    case = Case("adam", "adam", "scalar", 0.9, 0.1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             "metaoptimize._kernels.runner.triton_parameter_step",
             lambda *a, **k: pytest.fail("adam is not a Triton base"),
         )
-        fused = _train(kwargs, fused=True, fused_backend="triton")
-    _assert_same(_train(kwargs), fused)
+        fused = _train(case, fused=True, fused_backend="triton")
+    _assert_same(_train(case), fused)
 
 
 def test_a_failing_kernel_falls_back_with_a_warning() -> None:
-    kwargs = {"base": "adamw", "meta": "lion", "blocks": "scalar", "weight_decay": 0.1}
+    case = Case("adamw", "lion", "scalar", 0.9, 0.1)
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("no kernel today")
@@ -106,8 +98,8 @@ def test_a_failing_kernel_falls_back_with_a_warning() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("metaoptimize._kernels.runner.triton_parameter_step", broken)
         with pytest.warns(RuntimeWarning, match="Triton kernel failed"):
-            fallback = _train(kwargs, fused=True, fused_backend="triton")
-    _assert_same(_train(kwargs), fallback)
+            fallback = _train(case, fused=True, fused_backend="triton")
+    _assert_same(_train(case), fallback)
 
 
 def test_fused_backend_is_validated() -> None:

@@ -31,17 +31,25 @@ def test_the_defaults_are_pinned() -> None:
         0.0,
     )
     assert opt._base.name == "adamw"
-    assert (opt._meta.name, opt._meta.meta_lr, opt._meta.betas) == ("auto", 0.5, (0.999, 1.0))
+    assert (opt._step_size.rule.name, opt._step_size.rule.meta_lr, opt._step_size.rule.betas) == (
+        "auto",
+        0.5,
+        (0.999, 1.0),
+    )
     assert opt.layout.mode == "scalar"
-    assert opt._log_bounds == (math.log(1e-10), math.log(1.0))
+    assert opt._step_size.bounds == (math.log(1e-10), math.log(1.0))
     sgd = MetaOptimize(nn.Linear(3, 2).parameters(), base="sgd")
-    assert sgd._log_bounds == (math.log(1e-12), math.log(1e6))
+    assert sgd._step_size.bounds == (math.log(1e-12), math.log(1e6))
     unbounded = MetaOptimize(nn.Linear(3, 2).parameters(), alpha_min=0.0, alpha_max=math.inf)
-    assert unbounded._log_bounds == (-math.inf, math.inf)
+    assert unbounded._step_size.bounds == (-math.inf, math.inf)
     wrapped = wrap(torch.optim.AdamW(nn.Linear(3, 2).parameters()))
-    assert (wrapped._meta.name, wrapped._meta.meta_lr, wrapped.gamma) == ("auto", 0.5, 0.999)
+    assert (wrapped.meta_rule.name, wrapped.meta_rule.meta_lr, wrapped.gamma) == (
+        "auto",
+        0.5,
+        0.999,
+    )
     # The paper's rules keep the paper's meta step size when asked for by name.
-    assert MetaOptimize(nn.Linear(3, 2).parameters(), meta="lion")._meta.meta_lr == 1e-3
+    assert MetaOptimize(nn.Linear(3, 2).parameters(), meta="lion").meta_lr == 1e-3
 
 
 def test_optax_port_has_the_same_defaults() -> None:

@@ -171,7 +171,7 @@ def test_wrap_validates_its_arguments_like_metaoptimize(
 
 def test_wrap_keeps_the_step_size_off_zero_and_infinity_by_default() -> None:
     opt = wrap(torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3))
-    assert (opt._low, opt._high) == (math.log(1e-12), math.log(1e6))
+    assert opt._step_sizes[0].bounds == (math.log(1e-12), math.log(1e6))
 
 
 def test_wrap_with_a_zero_lr_takes_a_zero_step_not_nan() -> None:

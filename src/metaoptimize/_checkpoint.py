@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_section_tensors", "check_state_tensor", "restored_bounds"]
+__all__ = ["check_section", "check_section_tensors", "check_state_tensor", "restored_bounds"]
 
 #: State entries that are never negative: counts, squared-gradient averages, running scales.
 _NONNEGATIVE = ("step", "exp_avg_sq", "square_avg", "scale", "sum_sq", "skipped_steps")
@@ -86,3 +86,58 @@ def restored_bounds(saved: object) -> tuple[float, float]:
     if math.isnan(low) or math.isnan(high) or low >= high or low == math.inf:
         raise ValueError(f"Invalid state_dict: log_alpha_bounds {saved!r}; need low < high")
     return low, high
+
+
+def check_section(
+    section: Mapping[str, Any] | None,
+    *,
+    format_version: int,
+    rules: Mapping[str, str],
+    learn_weight_decay: bool,
+    trace: tuple[str, str],
+    blocks: object,
+) -> None:
+    """Raise ValueError unless the saved ``"metaoptimize"`` section fits this optimizer.
+
+    Args:
+        section: the saved section (None: not saved by MetaOptimize).
+        format_version: the version this code writes and reads.
+        rules: this optimizer's rule names (``"base"``, ``"meta"``).
+        learn_weight_decay: whether this optimizer learns its weight decay.
+        trace: this optimizer's ``(trace, trace_approximation)``.
+        blocks: this optimizer's layout signature.
+    """
+    if section is None:
+        raise ValueError(
+            "Invalid state_dict: no 'metaoptimize' entry; it was not saved by MetaOptimize"
+        )
+    version = section.get("format_version")
+    if version != format_version:
+        raise ValueError(
+            f"Invalid state_dict: format_version {version!r} is not supported "
+            f"(expected {format_version})"
+        )
+    for what, mine in rules.items():
+        if section[what] != mine:
+            raise ValueError(
+                f"Invalid state_dict: saved with {what}={section[what]!r}, but "
+                f"this optimizer uses {what}={mine!r}"
+            )
+    saved_wd = section.get("learn_weight_decay", False)
+    if saved_wd != learn_weight_decay:
+        raise ValueError(
+            f"Invalid state_dict: saved with learn_weight_decay={saved_wd}, but this "
+            f"optimizer uses learn_weight_decay={learn_weight_decay}"
+        )
+    saved_trace = (section.get("trace", "hessian-free"), section.get("trace_approximation", "L"))
+    if saved_trace[0] != trace[0] or (trace[0] == "hessian" and saved_trace != trace):
+        raise ValueError(
+            f"Invalid state_dict: saved with trace={saved_trace[0]!r} "
+            f"(trace_approximation={saved_trace[1]!r}), but this optimizer uses "
+            f"trace={trace[0]!r} (trace_approximation={trace[1]!r})"
+        )
+    if section["blocks"] != blocks:
+        raise ValueError(
+            f"Invalid state_dict: saved with block layout {section['blocks']!r}"
+            f", but this optimizer has {blocks!r}"
+        )

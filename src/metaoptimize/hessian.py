@@ -30,7 +30,7 @@ vector), and ``z_i = X_i g_i`` as in the Hessian-free trace (L only).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +40,19 @@ from torch import Tensor
 
 from metaoptimize._math import forward_mode
 from metaoptimize._types import Entry
-from metaoptimize.base import BaseRule, is_decoupled
+from metaoptimize.base import BaseRule, is_decoupled, state_dtype
+from metaoptimize.blocks import BlockLayout
 from metaoptimize.meta import MetaRule
+from metaoptimize.metagrad import MetaGradient
+from metaoptimize.metaparams import MetaParameter
 
 __all__ = [
     "APPROXIMATIONS",
     "TRACES",
     "HessianStep",
+    "HessianTrace",
     "base_step_with_tangent",
+    "graph_gradients",
     "hessian_trace_step",
     "hessian_vector_products",
     "meta_step_tangent",
@@ -356,3 +361,154 @@ def _step_entry(
     for k, value in new_state.items():
         base_state[k].copy_(value)
     entry.param.copy_(new_param)
+
+
+def graph_gradients(
+    closure: Callable[[], Any], params: list[Tensor]
+) -> tuple[Tensor, dict[int, Tensor | None]]:
+    """Run the closure and take the gradients with their graph; ``p.grad`` gets their values.
+
+    Returns:
+        The loss and each parameter's graph gradient, by ``id(p)``.
+    """
+    with torch.enable_grad():
+        loss = closure()
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise RuntimeError(
+                "MetaOptimize(trace='hessian'): the closure must return the loss as a "
+                "tensor that requires grad (and must not call backward())"
+            )
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(
+            loss, params, create_graph=True, allow_unused=True
+        )
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else g.detach()
+    return loss, {id(p): g for p, g in zip(params, grads, strict=True)}
+
+
+class HessianTrace:
+    """The Hessian variant's own state: trace columns per parameter and the 2×2 meta trace.
+
+    It receives the entries, the layout and the step sizes as arguments; the meta step itself
+    is the optimizer's, shared with the Hessian-free trace.
+
+    Args:
+        approximation: ``"L"`` or ``"2x2"``.
+    """
+
+    def __init__(self, approximation: str) -> None:
+        self.approximation = approximation
+        #: 2×2 only: ``Y``, the tangents of ``β`` (key ``"log_alpha"``) and of the meta
+        #: rule's state, one column per block.
+        self.meta_trace: dict[str, Tensor] = {}
+
+    @staticmethod
+    def columns(layout: BlockLayout) -> int:
+        """Trace columns: one per block, one shared column for per-weight step sizes."""
+        return 1 if layout.per_weight else layout.num_blocks
+
+    def init_state(
+        self, p: Tensor, base_state: dict[str, Any], state: dict[str, Any], columns: int
+    ) -> None:
+        """One trace column per block, for the weights and every base-state tensor."""
+        shape = (columns, *p.shape)
+        state["trace"] = p.new_zeros(shape, dtype=state_dtype(p))
+        for key in traced_state_keys(base_state):
+            state[STATE_TRACE_PREFIX + key] = p.new_zeros(shape, dtype=state_dtype(p))
+
+    def grow(
+        self, layout: BlockLayout, states: Iterable[dict[str, Any]], step_size: MetaParameter
+    ) -> None:
+        """New blocks: existing traces get zero columns; ``Y`` starts at ``I`` for their β."""
+        columns = self.columns(layout)
+        for state in states:
+            for key, value in list(state.items()):
+                if key == "trace" or key.startswith(STATE_TRACE_PREFIX):
+                    missing = columns - value.shape[0]
+                    if missing > 0:
+                        state[key] = torch.cat([value, value.new_zeros(missing, *value.shape[1:])])
+        if self.approximation != "2x2":
+            return
+        old = self.meta_trace
+        current = old["log_alpha"].shape[0] if old else 0
+        values = step_size.values
+        eye = torch.eye(layout.num_blocks, dtype=values.dtype, device=values.device)
+        new = {"log_alpha": eye}
+        for key in traced_state_keys(step_size.state):
+            new[key] = torch.zeros_like(eye)
+        for key, value in old.items():
+            new[key][:current, :current] = value
+        self.meta_trace = new
+
+    def step(
+        self,
+        entries: Sequence[Entry],
+        graph_grads: Sequence[Tensor | None],
+        base: BaseRule,
+        layout: BlockLayout,
+        step_size: MetaParameter,
+        active: Tensor | None,
+    ) -> MetaGradient:
+        """The base step with its trace columns, and (2×2) the meta trace's own step.
+
+        Args:
+            entries: the parameters with a gradient, in step order.
+            graph_grads: each entry's gradient with its graph (``create_graph=True``).
+            base: the base rule.
+            layout: the block layout.
+            step_size: the log step sizes with their meta rule, state and bounds.
+            active: per block, whether it has a parameter with a gradient (block modes).
+
+        Returns:
+            The meta-gradient for the meta step, taken with the pre-step β and meta state.
+        """
+        two_by_two = self.approximation == "2x2"
+        outcome = hessian_trace_step(
+            entries,
+            graph_grads,
+            base,
+            columns=self.columns(layout),
+            per_weight=layout.per_weight,
+            log_alpha=step_size.values,
+            meta_trace=self.meta_trace["log_alpha"] if two_by_two else None,
+        )
+        finite = outcome.finite
+        z, z_tangent, mixing = outcome.z_block, outcome.z_tangent, outcome.mixing
+        if z is not None and z_tangent is not None and mixing is not None and active is not None:
+            gamma = float(entries[0].group["gamma"])  # one gamma: 2x2 requires it
+            self._update_meta_trace(step_size, z, z_tangent, mixing, gamma, active & finite, finite)
+        return MetaGradient(finite, z, outcome.z_weight)
+
+    def _update_meta_trace(
+        self,
+        step_size: MetaParameter,
+        z: Tensor,
+        z_tangent: Tensor,
+        mixing: Tensor,
+        gamma: float,
+        keep: Tensor,
+        finite: Tensor,
+    ) -> None:
+        """Y_{t+1} = G^{yy} B + G^{yx} γX, column by column (2×2 approximation)."""
+        trace = self.meta_trace
+        keys = [k for k in trace if k != "log_alpha"]
+        new_beta: list[Tensor] = []
+        new_state: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for c in range(mixing.shape[0]):
+            tangent_beta = mixing[:, c]
+            tangent_state = {k: gamma * trace[k][:, c] for k in keys}
+            beta_dot, state_dot = meta_step_tangent(
+                step_size.rule,
+                step_size.values,
+                step_size.state,
+                z,
+                step_size.bounds,
+                (tangent_beta, tangent_state, z_tangent[:, c]),
+            )
+            # A block that does not step keeps β and its meta state: tangents pass through.
+            new_beta.append(torch.where(keep, beta_dot, tangent_beta))
+            for k in keys:
+                new_state[k].append(torch.where(keep, state_dot[k], tangent_state[k]))
+        trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
+        for k in keys:
+            trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))

@@ -10,43 +10,44 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaoptimize._checkpoint import check_section_tensors, check_state_tensor, restored_bounds
-from metaoptimize._kernels import KernelOptions, plan_kernels
-from metaoptimize._kernels.eager import meta_step
-from metaoptimize._kernels.runner import KernelRunner, StepScalars
-from metaoptimize._kernels.triton import (
-    triton_available,
+from metaoptimize._checkpoint import (
+    check_section,
+    check_section_tensors,
+    check_state_tensor,
+    restored_bounds,
 )
+from metaoptimize._kernels import KernelOptions, plan_kernels
+from metaoptimize._kernels.runner import KernelRunner, StepScalars
+from metaoptimize._kernels.triton import triton_available
 from metaoptimize._math import as_dtype
-from metaoptimize._options import DEFAULT_ALPHA0, DEFAULT_GAMMA, DEFAULT_META, log_bounds
+from metaoptimize._options import (
+    DEFAULT_ALPHA0,
+    DEFAULT_GAMMA,
+    DEFAULT_META,
+    FUSED_BACKENDS,
+    check_alpha0_in_bounds,
+    check_bool,
+    check_trace_dtype,
+    complete_group,
+    log_bounds,
+)
 from metaoptimize._types import Entry
-from metaoptimize._validation import check_betas, check_number, check_range
+from metaoptimize._validation import check_number
 from metaoptimize.base import BaseRule, get_base_rule, is_decoupled, state_dtype
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
-from metaoptimize.hessian import (
-    APPROXIMATIONS,
-    STATE_TRACE_PREFIX,
-    TRACES,
-    hessian_trace_step,
-    meta_step_tangent,
-    traced_state_keys,
-)
+from metaoptimize.distributed import Sharding, local
+from metaoptimize.hessian import APPROXIMATIONS, TRACES, HessianTrace, graph_gradients
 from metaoptimize.meta import MetaRule, get_meta_rule
-from metaoptimize.metagrad import meta_gradient
-
-try:  # DTensor parameters (FSDP2); torch >= 2.4 has the public module
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    _HAS_DTENSOR = True
-except ImportError:  # pragma: no cover - older torch: no FSDP2 support
-    _HAS_DTENSOR = False
+from metaoptimize.metagrad import MetaGradient, meta_gradient
+from metaoptimize.metaparams import UNBOUNDED, MetaParameter, block_start_values
 
 __all__ = ["MetaOptimize"]
 
 FORMAT_VERSION = 1
-_UNSET = object()
-_BASE_STYLES = ("torch", "paper")
 _META_PREFIX = "meta_"
+_ALPHA0_ADVICE = (
+    "; use blocks='group' or 'tensor', or one alpha0 with a different lr multiplier per group"
+)
 
 
 class MetaOptimize(Optimizer):
@@ -198,61 +199,34 @@ class MetaOptimize(Optimizer):
         foreach: bool | None = None,
         fused_backend: str = "auto",
     ) -> None:
-        if not isinstance(base, str):
-            raise TypeError(f"Invalid base: {base!r}; expected a rule name")
-        if not isinstance(meta, str):
-            raise TypeError(f"Invalid meta: {meta!r}; expected a rule name")
+        for name, value in (("base", base), ("meta", meta)):
+            if not isinstance(value, str):
+                raise TypeError(f"Invalid {name}: {value!r}; expected a rule name")
         self._base: BaseRule = get_base_rule(base)
-        self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
-        if not isinstance(learn_weight_decay, bool):
-            raise TypeError(f"Invalid learn_weight_decay: {learn_weight_decay!r}; expected a bool")
-        self._learn_wd = learn_weight_decay
-        wd_meta_lr = (
-            self._meta.meta_lr
-            if weight_decay_meta_lr is None
-            else check_number(weight_decay_meta_lr, "weight_decay_meta_lr")
-        )
-        if wd_meta_lr < 0.0:
-            raise ValueError(f"Invalid weight_decay_meta_lr: {wd_meta_lr}; need >= 0")
-        self._wd_meta: MetaRule = get_meta_rule(meta, wd_meta_lr, meta_betas, meta_eps)
-        if learn_weight_decay and not self._meta.active:
-            raise ValueError(
-                "Invalid learn_weight_decay: it needs an active meta rule "
-                "(meta != 'fixed' and meta_lr > 0)"
-            )
-        if learn_weight_decay and blocks == "weight":
-            raise ValueError("Invalid learn_weight_decay: not supported with blocks='weight'")
-        self._log_bounds = log_bounds(alpha_min, alpha_max, self._base.default_alpha_range)
-        self._blocks_spec = blocks
+        meta_rule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
+        self._learn_wd = check_bool(learn_weight_decay, "learn_weight_decay")
+        wd_rule = _weight_decay_rule(meta_rule, weight_decay_meta_lr, learn_weight_decay, blocks)
+        bounds = log_bounds(alpha_min, alpha_max, self._base.default_alpha_range)
         if partition_group is not None and not isinstance(blocks, str):
             raise ValueError(
                 "Invalid blocks: explicit blocks cannot be combined with "
                 "partition_group (each rank holds different parameters)"
             )
-        self._partition_group = partition_group
-        if not isinstance(fused, bool):
-            raise TypeError(f"Invalid fused: {fused!r}; expected a bool")
-        self._fused = fused
-        if fused_backend not in ("auto", "triton", "compile"):
-            raise ValueError(
-                f"Invalid fused_backend: {fused_backend!r}; choose 'auto', 'triton' or 'compile'"
-            )
-        if fused_backend == "triton" and not triton_available():
-            raise ValueError("Invalid fused_backend: 'triton' needs Triton (pip install triton)")
-        self._fused_backend = fused_backend
+        self._blocks_spec = blocks
+        self._sharding = Sharding(partition_group)
+        self._fused = check_bool(fused, "fused")
+        self._fused_backend = _check_fused_backend(fused_backend)
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r}; expected a bool or None")
         self._foreach = foreach
         # Tests set this to run the sync-free device-scalar path on CPU too.
         self._device_scalars = False
-        self._trace_dtype = _check_trace_dtype(trace_dtype)
-        if not isinstance(kahan_summation, bool):
-            raise TypeError(f"Invalid kahan_summation: {kahan_summation!r}; expected a bool")
-        self._kahan = kahan_summation
-        self._trace, self._approximation = _check_trace(
+        self._trace_dtype = check_trace_dtype(trace_dtype)
+        self._kahan = check_bool(kahan_summation, "kahan_summation")
+        self._hessian = _hessian_trace(
             trace,
             trace_approximation,
-            meta_active=self._meta.active,
+            meta_active=meta_rule.active,
             blocks=blocks,
             conflicts={
                 "fused": fused,
@@ -262,8 +236,6 @@ class MetaOptimize(Optimizer):
                 "partition_group": partition_group is not None,
             },
         )
-        self._meta_trace: dict[str, Tensor] = {}
-        self._mesh_cache: Any = _UNSET
         self._layout: BlockLayout | None = None
         defaults = {
             "lr": lr,
@@ -282,11 +254,11 @@ class MetaOptimize(Optimizer):
         # Empty groups are allowed (as in torch.optim); the home device is the first parameter's.
         first = next(p for group in self.param_groups for p in group["params"])
         self._home = first.device
-        self._beta_dtype = _promoted_state_dtype(self.param_groups)
-        self._log_alpha = torch.empty(0, dtype=self._beta_dtype, device=self._home)
-        self._meta_state = self._meta.init_state(self._log_alpha)
-        self._log_wd = torch.empty(0, dtype=self._beta_dtype, device=self._home)
-        self._wd_meta_state = self._wd_meta.init_state(self._log_wd)
+        beta_dtype = _promoted_state_dtype(self.param_groups)
+        # Plain tensors on the home device, even when the parameters are DTensors.
+        no_blocks = torch.empty(0, dtype=beta_dtype, device=self._home)
+        self._step_size = MetaParameter(meta_rule, bounds, no_blocks)
+        self._weight_decay = MetaParameter(wd_rule, UNBOUNDED, no_blocks.clone())
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
         self._kernels = KernelRunner(self._base, self._block_indices)
@@ -323,131 +295,44 @@ class MetaOptimize(Optimizer):
                 self.param_groups.pop()  # a rejected group must not stay and be trained
                 raise
 
-    def _complete_group(
-        self, group: dict[str, Any], bounds: tuple[float, float] | None = None
-    ) -> None:
-        """Validate and complete a group's hyperparameters.
-
-        ``bounds`` is the log step-size range ``alpha0`` must lie in (default: this
-        optimizer's).
-        """
-        base = self._base
-        for p in group["params"]:
-            if p.is_complex():
-                raise TypeError(
-                    "Invalid params: complex parameters are not supported; optimize "
-                    "torch.view_as_real(p) as a real parameter instead"
-                )
-        # ZeroRedundancyOptimizer copies every constructor keyword into its groups; the
-        # process group is optimizer-wide and must not be serialised with them.
-        group.pop("partition_group", None)
-        group["lr"] = check_number(group["lr"], "lr")
-        if group["lr"] < 0.0:
-            raise ValueError(f"Invalid lr: {group['lr']}; need lr >= 0")
-        group["alpha0"] = check_range(
-            group["alpha0"], "alpha0", 0.0, math.inf, low_open=True, high_open=True
-        )
-        group["gamma"] = check_range(group["gamma"], "gamma", 0.0, 1.0)
-        group["weight_decay"] = check_number(group["weight_decay"], "weight_decay")
-        if group["weight_decay"] < 0.0:
-            raise ValueError(f"Invalid weight_decay: {group['weight_decay']}; need >= 0")
-        group["eps"] = check_number(group["eps"], "eps")
-        if group["eps"] < 0.0:
-            raise ValueError(f"Invalid eps: {group['eps']}; need eps >= 0")
-        if group["base_style"] not in _BASE_STYLES:
-            raise ValueError(
-                f"Invalid base_style: {group['base_style']!r}; choose one of {list(_BASE_STYLES)}"
-            )
-        if base.default_betas is None:
-            if group["betas"] is not None:
-                raise ValueError(
-                    f"Invalid betas: {group['betas']!r}; base {base.name!r} takes "
-                    "no betas (use momentum)"
-                )
-        elif group["betas"] is None:
-            group["betas"] = base.default_betas
-        else:
-            group["betas"] = check_betas(group["betas"], len(base.default_betas), "betas")
-        if group["momentum"] is None:
-            group["momentum"] = base.default_momentum if base.default_momentum is not None else 0.0
-        group["momentum"] = check_number(group["momentum"], "momentum")
-        group["dampening"] = check_number(group["dampening"], "dampening")
-        for flag in ("nesterov", "centered"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: {group[flag]!r}; expected a bool")
-        base.check_group(group)
-        if self._trace == "hessian":
-            _check_hessian_group(group, self.param_groups[0], self._approximation)
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Validate and complete a group's hyperparameters (``alpha0``'s range: at growth)."""
+        complete_group(group, self._base)
+        if self._hessian is not None:
+            _check_hessian_group(group, self.param_groups[0], self._hessian.approximation)
         if self._learn_wd and not group["weight_decay"] > 0.0:
             raise ValueError(
                 f"Invalid weight_decay: {group['weight_decay']}; "
                 "learn_weight_decay needs weight_decay > 0 in every group"
             )
-        bounds = bounds or self._log_bounds
-        log_alpha0 = math.log(group["alpha0"])
-        if not bounds[0] <= log_alpha0 <= bounds[1]:
-            raise ValueError(f"Invalid alpha0: {group['alpha0']}; outside [alpha_min, alpha_max]")
 
     def _grow_blocks(self) -> None:
-        """(Re)build the layout and give new blocks their initial step sizes."""
+        """(Re)build the layout and give new blocks their initial step sizes (and decays)."""
         layout = build_layout(self._blocks_spec, self.param_groups)
-        self._mesh_cache = _UNSET
+        self._sharding.reset()
         old = self._layout
         if (
             old is not None
             and old.block_of_param != layout.block_of_param[: len(old.block_of_param)]
         ):
             raise ValueError("Invalid blocks: the new param group changes existing blocks")
+        check_alpha0_in_bounds(self.param_groups, self._step_size.bounds)
         if layout.per_weight:
             self._layout = layout
             return
-        alpha0_of_block: dict[int, float] = {}
-        params_group = [g for g in self.param_groups for _ in g["params"]]
-        for block, group in zip(layout.block_of_param, params_group, strict=True):
-            seen = alpha0_of_block.setdefault(block, group["alpha0"])
-            if seen != group["alpha0"]:
-                raise ValueError(
-                    f"Invalid alpha0: block {layout.names[block]!r} spans param groups with "
-                    f"different alpha0 ({seen} and {group['alpha0']}); use blocks='group' or "
-                    "'tensor', or one alpha0 with a different lr multiplier per group"
-                )
-        wd_of_block: dict[int, float] = {}
-        if self._learn_wd:
-            for block, group in zip(layout.block_of_param, params_group, strict=True):
-                seen = wd_of_block.setdefault(block, group["weight_decay"])
-                if seen != group["weight_decay"]:
-                    raise ValueError(
-                        f"Invalid weight_decay: block {layout.names[block]!r} "
-                        "spans param groups with different weight_decay"
-                    )
-        if layout.mode == "group":  # an empty group still has its block
-            for index, group in enumerate(self.param_groups):
-                alpha0_of_block.setdefault(index, group["alpha0"])
-                wd_of_block.setdefault(index, group["weight_decay"])
+        alpha0 = block_start_values(layout, self.param_groups, "alpha0", _ALPHA0_ADVICE)
+        decay = (
+            block_start_values(layout, self.param_groups, "weight_decay") if self._learn_wd else {}
+        )
         self._layout = layout  # every check passed: from here on nothing raises
-        current = self._log_alpha.numel()
-        new = [math.log(alpha0_of_block[b]) for b in range(current, layout.num_blocks)]
-        if not new:
+        new_blocks = range(len(self._step_size), layout.num_blocks)
+        if not new_blocks:
             return
-        extra = torch.tensor(new, dtype=self._beta_dtype, device=self._home)
-        self._log_alpha = torch.cat([self._log_alpha, extra])
-        fresh = self._meta.init_state(extra)
-        self._meta_state = {key: torch.cat([self._meta_state[key], fresh[key]]) for key in fresh}
-        if self._trace == "hessian":
-            self._pad_trace_columns()
-            if self._approximation == "2x2":
-                self._grow_meta_trace(layout.num_blocks)
+        self._step_size.grow([math.log(alpha0[b]) for b in new_blocks])
         if self._learn_wd:
-            wd_extra = torch.tensor(
-                [math.log(wd_of_block[b]) for b in range(current, layout.num_blocks)],
-                dtype=self._beta_dtype,
-                device=self._home,
-            )
-            self._log_wd = torch.cat([self._log_wd, wd_extra])
-            wd_fresh = self._wd_meta.init_state(wd_extra)
-            self._wd_meta_state = {
-                key: torch.cat([self._wd_meta_state[key], wd_fresh[key]]) for key in wd_fresh
-            }
+            self._weight_decay.grow([math.log(decay[b]) for b in new_blocks])
+        if self._hessian is not None:
+            self._hessian.grow(layout, self.state.values(), self._step_size)
         self._index_cache.clear()
 
     # ------------------------------------------------------------------ public helpers
@@ -461,7 +346,7 @@ class MetaOptimize(Optimizer):
     @property
     def requires_closure(self) -> bool:
         """Whether :meth:`step` needs a closure that returns the loss (``trace="hessian"``)."""
-        return self._trace == "hessian"
+        return self._hessian is not None
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -484,17 +369,18 @@ class MetaOptimize(Optimizer):
         Restored by :meth:`load_state_dict`; set it after loading to continue with another
         (for example to turn meta-learning on for a run saved with ``meta_lr=0``).
         """
-        return self._meta.meta_lr
+        return self._step_size.rule.meta_lr
 
     @meta_lr.setter
     def meta_lr(self, value: float) -> None:
-        rule = get_meta_rule(self._meta.name, value, self._meta.betas, self._meta.eps)
-        if not rule.active and (self._learn_wd or self._trace == "hessian"):
+        old = self._step_size.rule
+        rule = get_meta_rule(old.name, value, old.betas, old.eps)
+        if not rule.active and (self._learn_wd or self._hessian is not None):
             raise ValueError(
                 f"Invalid meta_lr: {value}; learn_weight_decay and trace='hessian' need "
                 "an active meta rule"
             )
-        self._meta = rule
+        self._step_size.rule = rule
 
     def weight_decays(self) -> dict[str, Tensor]:
         """Current weight decay by block (learned with ``learn_weight_decay=True``).
@@ -506,7 +392,7 @@ class MetaOptimize(Optimizer):
             raise RuntimeError(
                 "weight_decays(): the weight decay is not learned; pass learn_weight_decay=True"
             )
-        kappa = self._log_wd.exp()
+        kappa = self._weight_decay.exp()
         return {name: kappa[index] for index, name in enumerate(self.layout.names)}
 
     def step_sizes(self) -> dict[str, Tensor]:
@@ -518,7 +404,7 @@ class MetaOptimize(Optimizer):
         """
         layout = self.layout
         if not layout.per_weight:
-            alpha = self._log_alpha.exp()
+            alpha = self._step_size.exp()
             return {name: alpha[index] for index, name in enumerate(layout.names)}
         result: dict[str, Tensor] = {}
         params = [(p, g) for g in self.param_groups for p in g["params"]]
@@ -532,16 +418,86 @@ class MetaOptimize(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it is
+                run with gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if self._hessian is not None:
+            return cast("float | None", self._hessian_step(closure))
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries = self._gather_entries()
+        reduce_group = self._sharding.reduce_group(self.param_groups)
+        if not entries and reduce_group is None:
+            return loss
+
+        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
+        grads = self._meta_gradient(entries, reduce_group)
+        # On CPU, reading a value is not a device synchronisation: a non-finite step is
+        # skipped right here, and the per-tensor kernel gets Python scalars (torch's scalar
+        # fast paths, no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
+        host_scalars = self._home.type == "cpu" and not self._device_scalars
+        if host_scalars and not bool(grads.finite):
+            self._skipped.add_(1)
+            return loss
+
+        # 2. Base step and trace update, all with α_t: one kernel per bucket.
+        scalars = StepScalars(
+            finite=grads.finite,
+            host=host_scalars,
+            meta_active=self._step_size.rule.active,
+            alpha_blocks=None if self.layout.per_weight else self._step_size.exp(),
+            kappa_blocks=self._weight_decay.exp() if self._learn_wd else None,
+        )
+        for bucket in plan_kernels(entries, self._kernel_options(host_scalars), self._decoupled):
+            self._kernels.run(bucket, scalars)
+
+        # 3. Meta steps on β = log α (after the weight step, as in the paper).
+        self._meta_steps(entries, grads)
+        return loss
+
+    def _gather_entries(self) -> list[Entry]:
+        """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
+        layout = self.layout
+        entries: list[Entry] = []
+        position = 0
+        mesh = self._sharding.mesh(self.param_groups)
+        for group in self.param_groups:
+            for p in group["params"]:
+                block = layout.block_of_param[position]
+                position += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MetaOptimize does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group, state)
+                elif self._step_size.rule.active and "trace" not in state:
+                    # Loaded from a run whose meta rule was off: start the trace at zero.
+                    state["trace"] = self._new_trace(p)
+                if mesh is not None:  # DTensor state is viewed as this rank's shard
+                    state = {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+                grad = as_dtype(local(p.grad), state_dtype(p))
+                share = self._sharding.share(p, mesh)
+                entries.append(Entry(group, local(p), grad, state, block, share))
+        return entries
+
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         base_state = self._base.init_state(p, group)
         state.update(base_state)
-        if self._trace == "hessian":
-            # One trace column per block, for the weights and every base-state tensor.
-            shape = (self._trace_columns(), *p.shape)
-            state["trace"] = p.new_zeros(shape, dtype=state_dtype(p))
-            for key in traced_state_keys(base_state):
-                state[STATE_TRACE_PREFIX + key] = p.new_zeros(shape, dtype=state_dtype(p))
-        elif self._meta.active:
+        if self._hessian is not None:
+            self._hessian.init_state(p, base_state, state, self._hessian.columns(self.layout))
+        elif self._step_size.rule.active:
             state["trace"] = self._new_trace(p)
         if self._learn_wd:
             state["wd_trace"] = self._new_trace(p)
@@ -550,7 +506,7 @@ class MetaOptimize(Optimizer):
         if self.layout.per_weight:
             log_alpha = torch.full_like(p, math.log(group["alpha0"]), dtype=state_dtype(p))
             state["log_alpha"] = log_alpha
-            for key, value in self._meta.init_state(log_alpha).items():
+            for key, value in self._step_size.rule.init_state(log_alpha).items():
                 state[_META_PREFIX + key] = value
 
     def _new_trace(self, p: Tensor) -> Tensor:
@@ -568,86 +524,22 @@ class MetaOptimize(Optimizer):
             self._index_cache[blocks] = cached
         return cached
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss; it is
-                run with gradients enabled.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        if self._trace == "hessian":
-            return cast("float | None", self._hessian_step(closure))
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _meta_gradient(self, entries: list[Entry], reduce_group: Any) -> MetaGradient:
         layout = self.layout
-        entries = self._gather_entries()
-        reduce_group = self._reduce_group()
-        if not entries and reduce_group is None:
-            return loss
-
-        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
-        meta_active = self._meta.active
-        grads = meta_gradient(
+        block_index = self._block_indices(tuple(e.block for e in entries))[0] if entries else None
+        return meta_gradient(
             entries,
-            num_blocks=len(self._log_alpha),
-            block_index=self._block_indices(tuple(e.block for e in entries))[0]
-            if entries
-            else None,
+            num_blocks=len(self._step_size),
+            block_index=block_index,
             per_weight=layout.per_weight,
-            meta_active=meta_active,
+            meta_active=self._step_size.rule.active,
             learn_weight_decay=self._learn_wd,
             home=self._home,
-            dtype=self._beta_dtype,
+            dtype=self._step_size.values.dtype,
             reduce_group=reduce_group,
-            reduce_blocks=self._partition_group is None or layout.mode in ("scalar", "group"),
+            reduce_blocks=self._sharding.partition_group is None
+            or layout.mode in ("scalar", "group"),
         )
-        z_block, z_weight, finite = grads.block, grads.weight, grads.finite
-        # On CPU, reading a value is not a device synchronisation: a non-finite step is
-        # skipped right here, and the per-tensor kernel gets Python scalars (torch's scalar
-        # fast paths, no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
-        host_scalars = self._home.type == "cpu" and not self._device_scalars
-        if host_scalars and not bool(finite):
-            self._skipped.add_(1)
-            return loss
-
-        # 2. Base step and trace update, all with α_t: one kernel per bucket.
-        scalars = StepScalars(
-            finite=finite,
-            host=host_scalars,
-            meta_active=meta_active,
-            alpha_blocks=None if layout.per_weight else self._log_alpha.exp(),
-            kappa_blocks=self._log_wd.exp() if self._learn_wd else None,
-        )
-        options = self._kernel_options(host_scalars)
-        for bucket in plan_kernels(entries, options, self._decoupled):
-            self._kernels.run(bucket, scalars)
-
-        # 3. Meta step on β = log α (after the weight step, as in the paper).
-        if meta_active:
-            if z_block is not None:
-                if entries:
-                    _, active = self._block_indices(tuple(e.block for e in entries))
-                    n = len(self._log_alpha)
-                    self._meta_step(self._log_alpha, z_block[:n], self._meta_state, active & finite)
-                    if self._learn_wd:
-                        self._meta_step(
-                            self._log_wd,
-                            z_block[n:],
-                            self._wd_meta_state,
-                            active & finite,
-                            rule=self._wd_meta,
-                            bounded=False,
-                        )
-            else:
-                self._weight_meta_steps(entries, z_weight, finite)
-        self._skipped.add_((~finite).to(torch.int64))
-        return loss
 
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return is_decoupled(self._base, group)
@@ -665,231 +557,54 @@ class MetaOptimize(Optimizer):
             compile_failed=self._kernels.compile_failed,
         )
 
-    def _weight_meta_steps(self, entries: list[Entry], z: list[Tensor], finite: Tensor) -> None:
-        """Meta steps of per-weight step sizes, stored in each parameter's state."""
-        for entry, z_entry in zip(entries, z, strict=True):
-            meta_state = _weight_meta_state(entry.state)
-            self._weight_meta_step(entry.state["log_alpha"], z_entry, meta_state, finite)
-
-    def _weight_meta_step(
-        self, log_alpha: Tensor, z: Tensor, meta_state: dict[str, Tensor], finite: Tensor
-    ) -> None:
-        """The meta step of one parameter's per-weight step sizes (compiled with ``fused``)."""
-        keep = finite.to(z.device)
-        bounds = self._log_bounds
-        self._kernels.weight_meta_step(
-            self._meta, log_alpha, z, meta_state, keep, bounds, self._fused
-        )
-
-    def _trace_columns(self) -> int:
-        """Trace columns of ``trace="hessian"``: one per block, one shared for "weight"."""
-        return 1 if self.layout.per_weight else self.layout.num_blocks
-
-    def _grow_meta_trace(self, num_blocks: int) -> None:
-        """Extend the 2×2 meta trace Y to new blocks: Y₀ = I for β, 0 for the meta state."""
-        old = self._meta_trace
-        current = old["log_alpha"].shape[0] if old else 0
-        eye = torch.eye(num_blocks, dtype=self._beta_dtype, device=self._home)
-        new = {"log_alpha": eye}
-        for key in traced_state_keys(self._meta_state):
-            new[key] = torch.zeros_like(eye)
-        for key, value in old.items():
-            new[key][:current, :current] = value
-        self._meta_trace = new
-
-    def _pad_trace_columns(self) -> None:
-        """Give existing Hessian traces a zero column for each block added since."""
-        columns = self._trace_columns()
-        for state in self.state.values():
-            for key, value in list(state.items()):
-                if key == "trace" or key.startswith(STATE_TRACE_PREFIX):
-                    missing = columns - value.shape[0]
-                    if missing > 0:
-                        state[key] = torch.cat([value, value.new_zeros(missing, *value.shape[1:])])
+    def _meta_steps(self, entries: list[Entry], grads: MetaGradient) -> None:
+        """The meta steps of this step where it was finite; a skipped step is counted."""
+        finite = grads.finite
+        if self._step_size.rule.active and entries:
+            if grads.block is not None:
+                _, active = self._block_indices(tuple(e.block for e in entries))
+                keep = active & finite
+                n = len(self._step_size)
+                self._step_size.step(grads.block[:n], keep)
+                if self._learn_wd:
+                    self._weight_decay.step(grads.block[n:], keep)
+            else:  # per-weight step sizes live in each parameter's state
+                rule, bounds = self._step_size.rule, self._step_size.bounds
+                for entry, z in zip(entries, grads.weight, strict=True):
+                    meta_state = _weight_meta_state(entry.state)
+                    log_alpha, keep = entry.state["log_alpha"], finite.to(z.device)
+                    self._kernels.weight_meta_step(
+                        rule, log_alpha, z, meta_state, keep, bounds, self._fused
+                    )
+        self._skipped.add_((~finite).to(torch.int64))
 
     def _hessian_step(self, closure: Callable[[], Any] | None) -> Any:
         """One step with the Hessian trace (docs/math.md §13, :mod:`metaoptimize.hessian`)."""
+        assert self._hessian is not None
         if closure is None:
             raise RuntimeError(
                 "MetaOptimize(trace='hessian') needs step(closure): the closure recomputes and "
                 "returns the loss, without calling backward()"
             )
-        if self._mesh() is not None:
+        if self._sharding.mesh(self.param_groups) is not None:
             raise NotImplementedError("MetaOptimize: trace='hessian' does not support DTensor")
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or not loss.requires_grad:
-                raise RuntimeError(
-                    "MetaOptimize(trace='hessian'): the closure must return the loss as a "
-                    "tensor that requires grad (and must not call backward())"
-                )
-            graph_grads: tuple[Tensor | None, ...] = torch.autograd.grad(
-                loss, params, create_graph=True, allow_unused=True
-            )
-        for p, g in zip(params, graph_grads, strict=True):
-            p.grad = None if g is None else g.detach()
-        graph_grad_of = {id(p): g for p, g in zip(params, graph_grads, strict=True)}
-        del graph_grads
+        loss, graph_grad_of = graph_gradients(closure, params)
         entries = self._gather_entries()
         if not entries:
             return loss
-        outcome = hessian_trace_step(
-            entries,
-            [graph_grad_of[id(e.param)] for e in entries],
-            self._base,
-            columns=self._trace_columns(),
-            per_weight=self.layout.per_weight,
-            log_alpha=self._log_alpha,
-            meta_trace=self._meta_trace["log_alpha"] if self._approximation == "2x2" else None,
-        )
-        del graph_grad_of
-        finite, z_block, z_weight = outcome.finite, outcome.z_block, outcome.z_weight
-        mixing, z_tangent = outcome.mixing, outcome.z_tangent
-
-        # 5. Meta step (and, for 2×2, its tangents Y) with the pre-step β and meta state.
-        if z_block is not None:
-            _, active = self._block_indices(tuple(e.block for e in entries))
-            keep = active & finite
-            if mixing is not None and z_tangent is not None:
-                gamma = float(entries[0].group["gamma"])  # one gamma: 2x2 requires it
-                self._update_meta_trace(z_block, z_tangent, mixing, gamma, keep, finite)
-            self._meta_step(self._log_alpha, z_block, self._meta_state, keep)
-        else:
-            self._weight_meta_steps(entries, z_weight, finite)
-        self._skipped.add_((~finite).to(torch.int64))
-        return loss
-
-    def _update_meta_trace(
-        self,
-        z: Tensor,
-        z_tangent: Tensor,
-        mixing: Tensor,
-        gamma: float,
-        keep: Tensor,
-        finite: Tensor,
-    ) -> None:
-        """Y_{t+1} = G^{yy} B + G^{yx} γX, column by column (2×2 approximation)."""
-        trace = self._meta_trace
-        keys = [k for k in trace if k != "log_alpha"]
-        new_beta: list[Tensor] = []
-        new_state: dict[str, list[Tensor]] = {k: [] for k in keys}
-        for c in range(mixing.shape[0]):
-            tangent_beta = mixing[:, c]
-            tangent_state = {k: gamma * trace[k][:, c] for k in keys}
-            beta_dot, state_dot = meta_step_tangent(
-                self._meta,
-                self._log_alpha,
-                self._meta_state,
-                z,
-                self._log_bounds,
-                (tangent_beta, tangent_state, z_tangent[:, c]),
-            )
-            # A block that does not step keeps β and its meta state: tangents pass through.
-            new_beta.append(torch.where(keep, beta_dot, tangent_beta))
-            for k in keys:
-                new_state[k].append(torch.where(keep, state_dot[k], tangent_state[k]))
-        trace["log_alpha"].copy_(torch.where(finite, torch.stack(new_beta, 1), trace["log_alpha"]))
-        for k in keys:
-            trace[k].copy_(torch.where(finite, torch.stack(new_state[k], 1), trace[k]))
-
-    def _gather_entries(self) -> list[Entry]:
-        """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
         layout = self.layout
-        entries: list[Entry] = []
-        position = 0
-        sharded = self._mesh() is not None
-        for group in self.param_groups:
-            for p in group["params"]:
-                block = layout.block_of_param[position]
-                position += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MetaOptimize does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, group, state)
-                elif self._meta.active and "trace" not in state:
-                    # Loaded from a run whose meta rule was off: start the trace at zero.
-                    state["trace"] = self._new_trace(p)
-                local_state = state
-                if sharded:  # DTensor state is viewed as this rank's shard
-                    local_state = {
-                        k: _local(v) if isinstance(v, Tensor) else v for k, v in state.items()
-                    }
-                entries.append(
-                    Entry(
-                        group,
-                        _local(p),
-                        as_dtype(_local(p.grad), state_dtype(p)),
-                        local_state,
-                        block,
-                        self._share(p),
-                    )
-                )
-        return entries
-
-    def _reduce_group(self) -> Any:
-        """The process group over which block meta-gradients are summed, if any."""
-        if self._partition_group is not None:
-            return self._partition_group
-        mesh = self._mesh()
-        return None if mesh is None else mesh.get_group()
-
-    def _mesh(self) -> Any:
-        """The device mesh of the DTensor parameters (cached; reset when groups change)."""
-        if self._mesh_cache is _UNSET:
-            self._mesh_cache = self._find_mesh()
-        return self._mesh_cache
-
-    def _find_mesh(self) -> Any:
-        if not _HAS_DTENSOR:
-            return None
-        meshes = {
-            p.device_mesh for g in self.param_groups for p in g["params"] if isinstance(p, DTensor)
-        }
-        if not meshes:
-            return None
-        if len(meshes) > 1:
-            raise NotImplementedError(
-                "MetaOptimize: DTensor parameters on different device meshes are not supported"
-            )
-        (mesh,) = meshes
-        if mesh.ndim != 1:
-            raise NotImplementedError(
-                "MetaOptimize: only 1-D device meshes (FSDP2) are "
-                "supported; HSDP and tensor parallelism are not yet"
-            )
-        return mesh
-
-    def _share(self, p: Tensor) -> float:
-        """Weight of this rank's partial sum for ``p`` in the all-reduced meta-gradient."""
-        if self._partition_group is not None:
-            return 1.0  # ZeRO: each parameter lives on exactly one rank
-        mesh = self._mesh()
-        if mesh is None:
-            return 1.0
-        if isinstance(p, DTensor):
-            (placement,) = p.placements
-            if isinstance(placement, Shard):
-                return 1.0
-            if not isinstance(placement, Replicate):
-                raise NotImplementedError(f"MetaOptimize: placement {placement} not supported")
-        return 1.0 / float(mesh.size())  # replicated: every rank holds the whole tensor
-
-    def _meta_step(
-        self,
-        log_alpha: Tensor,
-        z: Tensor,
-        meta_state: dict[str, Tensor],
-        keep_new: Tensor,
-        rule: MetaRule | None = None,
-        bounded: bool = True,
-    ) -> None:
-        """Apply the meta rule where ``keep_new`` holds; update tensors in place."""
-        low, high = self._log_bounds if bounded else (-math.inf, math.inf)
-        meta_step(rule or self._meta, log_alpha, z, meta_state, keep_new, low, high)
+        active = (
+            None if layout.per_weight else self._block_indices(tuple(e.block for e in entries))[1]
+        )
+        graph_grads = [graph_grad_of.pop(id(e.param)) for e in entries]
+        del graph_grad_of
+        grads = self._hessian.step(
+            entries, graph_grads, self._base, layout, self._step_size, active
+        )
+        del graph_grads  # frees the graph before the meta step
+        self._meta_steps(entries, grads)
+        return loss
 
     # ------------------------------------------------------------------ state dict
 
@@ -904,38 +619,45 @@ class MetaOptimize(Optimizer):
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group.pop("partition_group", None)  # re-copied by ZeroRedundancyOptimizer
+        log_alpha, meta_state = self._step_size.saved()
+        log_wd, wd_meta_state = self._weight_decay.saved()
+        rule = self._step_size.rule
+        trace, approximation = self._trace_kind()
+        meta_trace = {} if self._hessian is None else self._hessian.meta_trace
         state_dict["param_groups"][0]["metaoptimize"] = {
             "format_version": FORMAT_VERSION,
             "base": self._base.name,
-            "meta": self._meta.name,
+            "meta": rule.name,
             "blocks": self.layout.signature(),
-            "log_alpha": self._log_alpha.clone(),
-            "meta_state": {k: v.clone() for k, v in self._meta_state.items()},
+            "log_alpha": log_alpha,
+            "meta_state": meta_state,
             "skipped_steps": self._skipped.clone(),
             "learn_weight_decay": self._learn_wd,
-            "log_weight_decay": self._log_wd.clone(),
-            "weight_decay_meta_state": {k: v.clone() for k, v in self._wd_meta_state.items()},
-            "trace": self._trace,
-            "trace_approximation": self._approximation,
-            "meta_trace": {k: v.clone() for k, v in self._meta_trace.items()},
+            "log_weight_decay": log_wd,
+            "weight_decay_meta_state": wd_meta_state,
+            "trace": trace,
+            "trace_approximation": approximation,
+            "meta_trace": {k: v.clone() for k, v in meta_trace.items()},
             # Settings held outside param_groups, restored by load_state_dict as torch.optim
             # restores every hyperparameter.
             "hyperparameters": {
-                "meta_lr": self._meta.meta_lr,
-                "meta_betas": self._meta.betas,
-                "meta_eps": self._meta.eps,
-                "weight_decay_meta_lr": self._wd_meta.meta_lr,
-                "log_alpha_bounds": self._log_bounds,
+                "meta_lr": rule.meta_lr,
+                "meta_betas": rule.betas,
+                "meta_eps": rule.eps,
+                "weight_decay_meta_lr": self._weight_decay.rule.meta_lr,
+                "log_alpha_bounds": self._step_size.bounds,
             },
         }
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict`; tensors keep their saved dtype.
+        """Load a state dict saved by :meth:`state_dict`; nothing changes unless all of it loads.
+
+        Per-parameter state is cast to the dtype and device this optimizer creates.
 
         Raises:
-            ValueError: the state dict is not a MetaOptimize one, or was saved with another
-                base rule, meta rule or block layout.
+            ValueError: the state dict is not a MetaOptimize one, was saved with another
+                base rule, meta rule, trace or block layout, or holds unusable values.
         """
         state_dict = dict(state_dict)
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
@@ -943,65 +665,39 @@ class MetaOptimize(Optimizer):
         section = groups[0].pop("metaoptimize", None) if groups else None
         for group in groups[1:]:
             group.pop("metaoptimize", None)
-        if section is None:
-            raise ValueError(
-                "Invalid state_dict: no 'metaoptimize' entry; it was not saved by MetaOptimize"
-            )
-        version = section.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"Invalid state_dict: format_version {version!r} is not supported "
-                f"(expected {FORMAT_VERSION})"
-            )
-        for what, mine in (("base", self._base.name), ("meta", self._meta.name)):
-            if section[what] != mine:
-                raise ValueError(
-                    f"Invalid state_dict: saved with {what}={section[what]!r}, but "
-                    f"this optimizer uses {what}={mine!r}"
-                )
-        if section.get("learn_weight_decay", False) != self._learn_wd:
-            raise ValueError(
-                f"Invalid state_dict: saved with learn_weight_decay="
-                f"{section.get('learn_weight_decay', False)}, but this optimizer uses "
-                f"learn_weight_decay={self._learn_wd}"
-            )
-        saved_trace = (
-            section.get("trace", "hessian-free"),
-            section.get("trace_approximation", "L"),
+        check_section(
+            section,
+            format_version=FORMAT_VERSION,
+            rules={"base": self._base.name, "meta": self._step_size.rule.name},
+            learn_weight_decay=self._learn_wd,
+            trace=self._trace_kind(),
+            blocks=self.layout.signature(),
         )
-        own_trace = (self._trace, self._approximation)
-        if saved_trace[0] != own_trace[0] or (
-            own_trace[0] == "hessian" and saved_trace != own_trace
-        ):
-            raise ValueError(
-                f"Invalid state_dict: saved with trace={saved_trace[0]!r} "
-                f"(trace_approximation={saved_trace[1]!r}), but this optimizer uses "
-                f"trace={own_trace[0]!r} (trace_approximation={own_trace[1]!r})"
-            )
-        if section["blocks"] != self.layout.signature():
-            raise ValueError(
-                f"Invalid state_dict: saved with block layout {section['blocks']!r}"
-                f", but this optimizer has {self.layout.signature()!r}"
-            )
+        assert section is not None
         meta, wd_meta, bounds = self._restored_rules(section.get("hyperparameters"))
         for group in groups:
-            self._complete_group({**group, "params": []}, bounds)  # validate, change nothing
+            self._complete_group({**group, "params": []})  # validate, change nothing
+        check_alpha0_in_bounds(groups, bounds)
         check_section_tensors(section, self._section_tensors())
         state = self._restored_state(state_dict["state"], groups)
         super().load_state_dict(state_dict)
         # Every check passed: from here on nothing raises.
         self.state.clear()
         self.state.update(state)
-        self._meta, self._wd_meta, self._log_bounds = meta, wd_meta, bounds
-        self._log_alpha.copy_(section["log_alpha"])
-        for key, value in self._meta_state.items():
-            value.copy_(section["meta_state"][key])
+        self._step_size.rule, self._step_size.bounds = meta, bounds
+        self._weight_decay.rule = wd_meta
+        self._step_size.restore(section["log_alpha"], section["meta_state"])
+        self._weight_decay.restore(section["log_weight_decay"], section["weight_decay_meta_state"])
         self._skipped.copy_(section["skipped_steps"])
-        self._log_wd.copy_(section["log_weight_decay"])
-        for key, value in self._wd_meta_state.items():
-            value.copy_(section["weight_decay_meta_state"][key])
-        for key, value in self._meta_trace.items():
-            value.copy_(section["meta_trace"][key])
+        if self._hessian is not None:
+            for key, value in self._hessian.meta_trace.items():
+                value.copy_(section["meta_trace"][key])
+
+    def _trace_kind(self) -> tuple[str, str]:
+        """``(trace, trace_approximation)`` as saved in a state dict."""
+        if self._hessian is None:
+            return "hessian-free", "L"
+        return "hessian", self._hessian.approximation
 
     def _restored_rules(self, saved: object) -> tuple[MetaRule, MetaRule, tuple[float, float]]:
         """The meta rules and step-size bounds a state dict was saved with (validated).
@@ -1009,10 +705,10 @@ class MetaOptimize(Optimizer):
         State dicts from before these were saved keep this optimizer's own.
         """
         if saved is None:
-            return self._meta, self._wd_meta, self._log_bounds
+            return self._step_size.rule, self._weight_decay.rule, self._step_size.bounds
         if not isinstance(saved, dict):
             raise TypeError(f"Invalid state_dict: hyperparameters {saved!r} is not a dict")
-        name, betas = self._meta.name, saved.get("meta_betas")
+        name, betas = self._step_size.rule.name, saved.get("meta_betas")
         eps = cast(float, saved.get("meta_eps"))  # get_meta_rule checks it
         meta = get_meta_rule(name, saved.get("meta_lr"), betas, eps)
         wd_meta = get_meta_rule(name, saved.get("weight_decay_meta_lr"), betas, eps)
@@ -1021,12 +717,12 @@ class MetaOptimize(Optimizer):
     def _section_tensors(self) -> dict[str, Tensor | dict[str, Tensor]]:
         """The optimizer-wide tensors a saved section must match (shapes, by name)."""
         return {
-            "log_alpha": self._log_alpha,
-            "meta_state": self._meta_state,
+            "log_alpha": self._step_size.values,
+            "meta_state": self._step_size.state,
             "skipped_steps": self._skipped,
-            "log_weight_decay": self._log_wd,
-            "weight_decay_meta_state": self._wd_meta_state,
-            "meta_trace": self._meta_trace,
+            "log_weight_decay": self._weight_decay.values,
+            "weight_decay_meta_state": self._weight_decay.state,
+            "meta_trace": {} if self._hessian is None else self._hessian.meta_trace,
         }
 
     def _restored_state(
@@ -1057,7 +753,7 @@ class MetaOptimize(Optimizer):
             self._init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), group, expected)
             state: dict[str, Any] = {}
             for name, value in values.items():
-                check_state_tensor(f"state[{key!r}]", name, value, expected.get(name), _local)
+                check_state_tensor(f"state[{key!r}]", name, value, expected.get(name), local)
                 if isinstance(value, Tensor):
                     dtype = expected[name].dtype if name in expected else value.dtype
                     value = value.to(device=p.device, dtype=dtype, copy=True)
@@ -1066,36 +762,65 @@ class MetaOptimize(Optimizer):
         return restored
 
 
-def _check_trace(
+def _weight_decay_rule(
+    meta_rule: MetaRule, meta_lr: float | None, learn: bool, blocks: BlocksSpec
+) -> MetaRule:
+    """The meta rule of the learned weight decay: the step sizes' with its own meta step size."""
+    wd_meta_lr = (
+        meta_rule.meta_lr if meta_lr is None else check_number(meta_lr, "weight_decay_meta_lr")
+    )
+    if wd_meta_lr < 0.0:
+        raise ValueError(f"Invalid weight_decay_meta_lr: {wd_meta_lr}; need >= 0")
+    if learn and not meta_rule.active:
+        raise ValueError(
+            "Invalid learn_weight_decay: it needs an active meta rule "
+            "(meta != 'fixed' and meta_lr > 0)"
+        )
+    if learn and blocks == "weight":
+        raise ValueError("Invalid learn_weight_decay: not supported with blocks='weight'")
+    return get_meta_rule(meta_rule.name, wd_meta_lr, meta_rule.betas, meta_rule.eps)
+
+
+def _check_fused_backend(value: object) -> str:
+    if value not in FUSED_BACKENDS:
+        raise ValueError(f"Invalid fused_backend: {value!r}; choose 'auto', 'triton' or 'compile'")
+    if value == "triton" and not triton_available():
+        raise ValueError("Invalid fused_backend: 'triton' needs Triton (pip install triton)")
+    return str(value)
+
+
+def _hessian_trace(
     trace: object,
     approximation: object,
     meta_active: bool,
     blocks: object,
     conflicts: dict[str, bool],
-) -> tuple[str, str]:
-    """Validate ``trace`` and ``trace_approximation`` and what ``trace="hessian"`` excludes."""
+) -> HessianTrace | None:
+    """The Hessian variant's state for ``trace="hessian"`` (None for the Hessian-free trace).
+
+    Validates ``trace``, ``trace_approximation`` and what ``trace="hessian"`` excludes.
+    """
     if trace not in TRACES:
         raise ValueError(f"Invalid trace: {trace!r}; choose one of {list(TRACES)}")
     if approximation not in APPROXIMATIONS:
         raise ValueError(
             f"Invalid trace_approximation: {approximation!r}; choose one of {list(APPROXIMATIONS)}"
         )
-    assert isinstance(trace, str)
-    assert isinstance(approximation, str)
-    if trace == "hessian":
-        if not meta_active:
-            raise ValueError(
-                "Invalid trace: 'hessian' needs an active meta rule (meta != 'fixed', meta_lr > 0)"
-            )
-        for name, given in conflicts.items():
-            if given:
-                raise ValueError(f"Invalid {name}: not supported with trace='hessian'")
-        if approximation == "2x2" and blocks == "weight":
-            raise ValueError(
-                "Invalid trace_approximation: '2x2' with blocks='weight' would need an n×n meta "
-                "trace; use 'L' or a block-level mode"
-            )
-    return trace, approximation
+    if trace != "hessian":
+        return None
+    if not meta_active:
+        raise ValueError(
+            "Invalid trace: 'hessian' needs an active meta rule (meta != 'fixed', meta_lr > 0)"
+        )
+    for name, given in conflicts.items():
+        if given:
+            raise ValueError(f"Invalid {name}: not supported with trace='hessian'")
+    if approximation == "2x2" and blocks == "weight":
+        raise ValueError(
+            "Invalid trace_approximation: '2x2' with blocks='weight' would need an n×n meta "
+            "trace; use 'L' or a block-level mode"
+        )
+    return HessianTrace(str(approximation))
 
 
 def _check_hessian_group(group: dict[str, Any], first: dict[str, Any], approximation: str) -> None:
@@ -1112,17 +837,6 @@ def _check_hessian_group(group: dict[str, Any], first: dict[str, Any], approxima
         )
 
 
-def _check_trace_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None:
-        return None
-    dtype = getattr(torch, value, None) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"Invalid trace_dtype: {value!r}; expected a floating dtype such as torch.bfloat16"
-        )
-    return dtype
-
-
 def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
     dtype = torch.float32
     for group in param_groups:
@@ -1134,11 +848,3 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
 def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:
     """The meta rule's state of per-weight step sizes, stored in the parameter's state."""
     return {k[len(_META_PREFIX) :]: v for k, v in state.items() if k.startswith(_META_PREFIX)}
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    if _HAS_DTENSOR and isinstance(tensor, DTensor):
-        local: Tensor = tensor.to_local()
-        return local
-    return tensor

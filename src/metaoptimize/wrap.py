@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from metaoptimize._validation import check_range
 from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
+from metaoptimize.metaparams import MetaParameter
 
 __all__ = ["MetaOptimizeWrapper", "reproduced_exactly", "wrap"]
 
@@ -96,6 +97,22 @@ def _l2_slope(
     return None
 
 
+def _meta_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class _Entry(NamedTuple):
+    """A parameter with a gradient in one wrapper step."""
+
+    group: dict[str, Any]
+    param: Tensor
+    grad: Tensor
+    before: Tensor
+    trace: Tensor
+    block: int
+    first_step: bool
+
+
 class MetaOptimizeWrapper(Optimizer):
     """MetaOptimize around an existing optimizer; build it with :func:`wrap`.
 
@@ -131,7 +148,7 @@ class MetaOptimizeWrapper(Optimizer):
                 stacklevel=3,
             )
         # Any optimizer can be wrapped, so the range is wide: it only keeps α off 0 and ∞.
-        self._low, self._high = log_bounds(alpha_min, alpha_max, WRAP_ALPHA_RANGE)
+        bounds = log_bounds(alpha_min, alpha_max, WRAP_ALPHA_RANGE)
         self.inner = optimizer
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
@@ -140,7 +157,7 @@ class MetaOptimizeWrapper(Optimizer):
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
         self._patch_step_function()  # profiling name and hook plumbing of torch.optim
         self._traces: dict[Tensor, Tensor] = {}
-        self._meta: MetaRule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
+        rule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
         self.gamma = gamma
         self.layout: BlockLayout = build_layout(blocks, self.param_groups)
         for group in self.param_groups:
@@ -154,37 +171,35 @@ class MetaOptimizeWrapper(Optimizer):
                 "Invalid optimizer: complex parameters are not supported; optimize "
                 "torch.view_as_real(p) as a real parameter instead"
             )
+        #: The learned log step sizes: one per parameter (per-weight) or one for all blocks.
+        self._step_sizes = [MetaParameter(rule, bounds, start) for start in self._start_values()]
+
+    def _start_values(self) -> list[Tensor]:
+        """The initial log step sizes: each group's ``log lr``, per weight or per block."""
         # Empty groups are allowed (as in torch.optim); the home device is the first parameter's.
         first = next(iter(self._params()))
         alpha0 = [g["metaoptimize_alpha0"] for g in self.param_groups for _ in g["params"]]
         if self.layout.per_weight:
-            self._log_alpha = [
-                torch.full_like(
-                    p,
-                    math.log(a),
-                    dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                )
+            return [
+                torch.full_like(p, math.log(a), dtype=_meta_dtype(p))
                 for p, a in zip(self._params(), alpha0, strict=True)
             ]
-        else:
-            values: list[float | None] = [None] * self.layout.num_blocks
-            for block, a in zip(self.layout.block_of_param, alpha0, strict=True):
-                seen = values[block]
-                if seen is not None and seen != math.log(a):
-                    raise ValueError(
-                        f"Invalid blocks: block {self.layout.names[block]!r} spans param groups "
-                        f"with different lr ({math.exp(seen):g} and {a:g}); one step size "
-                        "cannot start at both: use blocks='group' or 'tensor'"
-                    )
-                values[block] = math.log(a)
-            if self.layout.mode == "group":  # an empty group still has its block
-                for index, group in enumerate(self.param_groups):
-                    if values[index] is None:
-                        values[index] = math.log(group["metaoptimize_alpha0"])
-            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-            start = [0.0 if v is None else v for v in values]  # every other block has a param
-            self._log_alpha = [torch.tensor(start, dtype=dtype, device=first.device)]
-        self._meta_state = [self._meta.init_state(b) for b in self._log_alpha]
+        values: list[float | None] = [None] * self.layout.num_blocks
+        for block, a in zip(self.layout.block_of_param, alpha0, strict=True):
+            seen = values[block]
+            if seen is not None and seen != math.log(a):
+                raise ValueError(
+                    f"Invalid blocks: block {self.layout.names[block]!r} spans param groups "
+                    f"with different lr ({math.exp(seen):g} and {a:g}); one step size "
+                    "cannot start at both: use blocks='group' or 'tensor'"
+                )
+            values[block] = math.log(a)
+        if self.layout.mode == "group":  # an empty group still has its block
+            for index, group in enumerate(self.param_groups):
+                if values[index] is None:
+                    values[index] = math.log(group["metaoptimize_alpha0"])
+        start = [0.0 if v is None else v for v in values]  # every other block has a param
+        return [torch.tensor(start, dtype=_meta_dtype(first), device=first.device)]
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -192,13 +207,34 @@ class MetaOptimizeWrapper(Optimizer):
     def step_sizes(self) -> dict[str, Tensor]:
         """Learned step sizes by block (without the lr-schedule multiplier)."""
         if self.layout.per_weight:
-            return {n: b.exp() for n, b in zip(self.layout.names, self._log_alpha, strict=True)}
-        alpha = self._log_alpha[0].exp()
+            return {n: b.exp() for n, b in zip(self.layout.names, self._step_sizes, strict=True)}
+        alpha = self._step_sizes[0].exp()
         return {name: alpha[i] for i, name in enumerate(self.layout.names)}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Step the inner optimizer, rescale its update per block, update trace and α."""
+        entries = self._entries()
+        z, finite = self._meta_gradient(entries)  # with the trace from before this step
+        loss = self.inner.step(closure)
+        if not entries:
+            return loss
+        assert finite is not None
+        ok = finite.to(entries[0].param.dtype)
+        for i, entry in enumerate(entries):
+            self._rescale(entry, i, finite, ok)
+        if self.meta_rule.active:
+            if self.layout.per_weight:
+                for step_size, z_param in zip(self._step_sizes, z, strict=True):
+                    step_size.step(z_param, finite)
+            else:
+                active = torch.zeros_like(self._step_sizes[0].values, dtype=torch.bool)
+                active[[e.block for e in entries]] = True
+                self._step_sizes[0].step(z[0], active & finite)
+        return loss
+
+    def _entries(self) -> list[_Entry]:
+        """The parameters with a gradient, with copies of the gradient and weights."""
         entries = []
         position = 0
         for group in self.param_groups:
@@ -212,62 +248,54 @@ class MetaOptimizeWrapper(Optimizer):
                 if p not in self._traces:
                     self._traces[p] = torch.zeros_like(p)
                 trace = self._traces[p]
-                entries.append(
-                    (group, p, p.grad.clone(), p.detach().clone(), trace, block, first_step)
-                )
-        # meta-gradient with the trace from before this step
-        if self.layout.per_weight:
-            z = [trace * grad for _, _, grad, _, trace, _, _ in entries]
-            finite = torch.stack([torch.isfinite(v).all() for v in z]).all() if z else None
-        else:
-            z_block = torch.zeros_like(self._log_alpha[0])
-            if entries:
-                index = torch.tensor([e[5] for e in entries], device=z_block.device)
-                partials = torch.stack(
-                    [torch.dot(e[4].flatten(), e[2].flatten()).to(z_block) for e in entries]
-                )
-                z_block.index_add_(0, index, partials)
-            finite = torch.isfinite(z_block).all()
-        loss = self.inner.step(closure)
-        if not entries:
-            return loss
-        assert finite is not None
-        ok = finite.to(entries[0][1].dtype)
-        for i, (group, p, grad, before, trace, block, first_step) in enumerate(entries):
-            log_alpha = self._log_alpha[i] if self.layout.per_weight else self._log_alpha[0][block]
-            lr0 = group["metaoptimize_alpha0"]
-            learned = log_alpha.exp().to(p.dtype)
-            alpha = learned * (group["lr"] / lr0)  # schedule multiplier
-            # The inner step moved by lr·u; the wanted step is α·u = (lr·u)·e^β/lr0. Written
-            # without dividing by lr, so an lr of 0 (warm-up from 0) gives a zero step, not NaN.
-            delta = (p.detach() - before) * (learned / lr0)
-            p.copy_(before + delta)
-            kappa = group.get("weight_decay", 0.0)
-            gamma = 1.0 + ok * (self.gamma - 1.0)
-            if kappa:
-                slope = _l2_slope(self.inner, group, self.state[p], grad, before, first_step)
-                decay = 1.0 - alpha * kappa * (1.0 if slope is None else slope)
-                trace.mul_(gamma * torch.where(finite, decay, 1.0))
-            else:
-                trace.mul_(gamma)
-            trace.add_(delta * ok)
-        if self._meta.active:
-            if self.layout.per_weight:
-                for i, zi in enumerate(z):
-                    self._meta_step(i, zi, finite)
-            else:
-                active = torch.zeros_like(self._log_alpha[0], dtype=torch.bool)
-                active[[e[5] for e in entries]] = True
-                self._meta_step(0, z_block, active & finite)
-        return loss
+                before = p.detach().clone()
+                entries.append(_Entry(group, p, p.grad.clone(), before, trace, block, first_step))
+        return entries
 
-    def _meta_step(self, index: int, z: Tensor, keep: Tensor) -> None:
-        beta, state = self._log_alpha[index], self._meta_state[index]
-        new_beta, new_state = self._meta.update(beta, z.to(beta.dtype), state)
-        new_beta = new_beta.clamp(self._low, self._high)
-        beta.copy_(torch.where(keep, new_beta, beta))
-        for key, value in new_state.items():
-            state[key].copy_(torch.where(keep, value, state[key]))
+    def _meta_gradient(self, entries: list[_Entry]) -> tuple[list[Tensor], Tensor | None]:
+        """``z`` (per parameter, or one block vector) and whether it is finite."""
+        if self.layout.per_weight:
+            z = [e.trace * e.grad for e in entries]
+            finite = torch.stack([torch.isfinite(v).all() for v in z]).all() if z else None
+            return z, finite
+        z_block = torch.zeros_like(self._step_sizes[0].values)
+        if entries:
+            index = torch.tensor([e.block for e in entries], device=z_block.device)
+            partials = torch.stack(
+                [torch.dot(e.trace.flatten(), e.grad.flatten()).to(z_block) for e in entries]
+            )
+            z_block.index_add_(0, index, partials)
+        return [z_block], torch.isfinite(z_block).all()
+
+    def _rescale(self, entry: _Entry, index: int, finite: Tensor, ok: Tensor) -> None:
+        """Rescale the inner step of one parameter to the learned step size; update its trace."""
+        group, p, trace = entry.group, entry.param, entry.trace
+        if self.layout.per_weight:
+            log_alpha = self._step_sizes[index].values
+        else:
+            log_alpha = self._step_sizes[0].values[entry.block]
+        lr0 = group["metaoptimize_alpha0"]
+        learned = log_alpha.exp().to(p.dtype)
+        alpha = learned * (group["lr"] / lr0)  # schedule multiplier
+        # The inner step moved by lr·u; the wanted step is α·u = (lr·u)·e^β/lr0. Written
+        # without dividing by lr, so an lr of 0 (warm-up from 0) gives a zero step, not NaN.
+        delta = (p.detach() - entry.before) * (learned / lr0)
+        p.copy_(entry.before + delta)
+        kappa = group.get("weight_decay", 0.0)
+        gamma = 1.0 + ok * (self.gamma - 1.0)
+        if kappa:
+            state = self.state[p]
+            slope = _l2_slope(self.inner, group, state, entry.grad, entry.before, entry.first_step)
+            decay = 1.0 - alpha * kappa * (1.0 if slope is None else slope)
+            trace.mul_(gamma * torch.where(finite, decay, 1.0))
+        else:
+            trace.mul_(gamma)
+        trace.add_(delta * ok)
+
+    @property
+    def meta_rule(self) -> MetaRule:
+        """The meta rule of the step sizes."""
+        return self._step_sizes[0].rule
 
     def state_dict(self) -> dict[str, Any]:
         """The inner state dict, with the wrapper's step sizes and meta state in group 0."""
@@ -276,8 +304,8 @@ class MetaOptimizeWrapper(Optimizer):
             "traces": [
                 self._traces[p].clone() if p in self._traces else None for p in self._params()
             ],
-            "log_alpha": [b.clone() for b in self._log_alpha],
-            "meta_state": [{k: v.clone() for k, v in s.items()} for s in self._meta_state],
+            "log_alpha": [s.saved()[0] for s in self._step_sizes],
+            "meta_state": [s.saved()[1] for s in self._step_sizes],
         }
         return state_dict
 
@@ -299,11 +327,9 @@ class MetaOptimizeWrapper(Optimizer):
             for p, t in zip(self._params(), section["traces"], strict=True)
             if t is not None
         }
-        for mine, saved in zip(self._log_alpha, section["log_alpha"], strict=True):
-            mine.copy_(saved)
-        for mine_state, saved_state in zip(self._meta_state, section["meta_state"], strict=True):
-            for key, value in mine_state.items():
-                value.copy_(saved_state[key])
+        saved = zip(section["log_alpha"], section["meta_state"], strict=True)
+        for step_size, (values, meta_state) in zip(self._step_sizes, saved, strict=True):
+            step_size.restore(values, meta_state)
 
 
 def wrap(optimizer: Optimizer, meta: str = DEFAULT_META, **kwargs: Any) -> MetaOptimizeWrapper:

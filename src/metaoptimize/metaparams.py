@@ -1,0 +1,94 @@
+"""Learned meta-parameters: a log-quantity per block, moved by a meta rule.
+
+The paper learns "step sizes and other meta-parameters" the same way: a value ``β = log q`` per
+block, a meta rule with its own state, optional bounds, and growth when param groups are added.
+:class:`MetaParameter` is that one thing; :class:`~metaoptimize.MetaOptimize` holds two of them
+(log step sizes and, with ``learn_weight_decay``, log weight decays) and ``wrap()`` one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaoptimize._kernels.eager import meta_step
+from metaoptimize.blocks import BlockLayout
+from metaoptimize.meta import MetaRule
+
+__all__ = ["UNBOUNDED", "MetaParameter", "block_start_values"]
+
+UNBOUNDED = (-math.inf, math.inf)
+
+
+class MetaParameter:
+    """One learned log-quantity: ``values`` (a tensor, one entry per block), rule and state.
+
+    Args:
+        rule: the meta rule that moves the values.
+        bounds: the range the values are clamped to after every meta step (log scale).
+        initial: the starting values (log scale); :meth:`grow` appends more.
+    """
+
+    def __init__(self, rule: MetaRule, bounds: tuple[float, float], initial: Tensor) -> None:
+        self.rule = rule
+        self.bounds = bounds
+        self.values = initial
+        self.state: dict[str, Tensor] = rule.init_state(initial)
+
+    def __len__(self) -> int:
+        return self.values.numel()
+
+    def exp(self) -> Tensor:
+        """The meta-parameters themselves (``e^β``)."""
+        return self.values.exp()
+
+    def grow(self, start: Sequence[float]) -> None:
+        """Append blocks starting at the log values ``start``, with fresh meta state."""
+        if not start:
+            return
+        extra = torch.tensor(start, dtype=self.values.dtype, device=self.values.device)
+        fresh = self.rule.init_state(extra)
+        self.values = torch.cat([self.values, extra])
+        self.state = {key: torch.cat([self.state[key], fresh[key]]) for key in fresh}
+
+    def step(self, z: Tensor, keep: Tensor) -> None:
+        """One meta step with meta-gradient ``z`` where ``keep`` holds; in place."""
+        low, high = self.bounds
+        meta_step(self.rule, self.values, z.to(self.values.dtype), self.state, keep, low, high)
+
+    def saved(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """Copies of the values and the meta state, for a state dict."""
+        return self.values.clone(), {key: value.clone() for key, value in self.state.items()}
+
+    def restore(self, values: Tensor, state: dict[str, Any]) -> None:
+        """Copy saved values and meta state in (shapes were checked by the caller)."""
+        self.values.copy_(values)
+        for key, value in self.state.items():
+            value.copy_(state[key])
+
+
+def block_start_values(
+    layout: BlockLayout, param_groups: list[dict[str, Any]], key: str, advice: str = ""
+) -> dict[int, float]:
+    """The starting value of every block: its param groups' ``group[key]``, which must agree.
+
+    Raises:
+        ValueError: a block spans param groups with different values of ``key``.
+    """
+    start: dict[int, float] = {}
+    groups_of_params = [g for g in param_groups for _ in g["params"]]
+    for block, group in zip(layout.block_of_param, groups_of_params, strict=True):
+        seen = start.setdefault(block, group[key])
+        if seen != group[key]:
+            raise ValueError(
+                f"Invalid {key}: block {layout.names[block]!r} spans param groups with "
+                f"different {key} ({seen} and {group[key]}){advice}"
+            )
+    if layout.mode == "group":  # an empty group still has its block
+        for index, group in enumerate(param_groups):
+            start.setdefault(index, group[key])
+    return start
