@@ -1,9 +1,10 @@
 """Optimizer-step and training-step time and memory: torch AdamW against MetaOptimize.
 
-    python benchmarks/step_overhead.py [--device cpu|cuda] [--model mlp|many-tensors]
+    python benchmarks/step_overhead.py [--device cpu|cuda] [--model mlp|deep-mlp|many-tensors]
         [--repeats 30] [--only SUBSTRING|SUBSTRING] [--json out.json]
 
-CPU: a 6.3M-parameter MLP (three 2M-weight layers), or with ``--model many-tensors`` a
+CPU: a 6.3M-parameter MLP (three 2M-weight layers: 6 tensors), ``--model deep-mlp`` (24
+layers of width 512: 48 tensors, 6.3M parameters), or with ``--model many-tensors`` a
 0.6M-parameter transformer with 150 parameter tensors (GPT-2's tensor count at a small width,
 where per-tensor overhead dominates). CUDA: GPT-2-small shapes (124M parameters, fp32
 weights, bf16 autocast, batch 8x1024). All optimizers are timed side by side in one process; each number is
@@ -34,6 +35,21 @@ def cpu_model() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
         nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024), nn.GELU(), nn.Linear(1024, 2048)
     )
     x = torch.randn(64, 1024)
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return m(x).square().mean()
+
+    return model, loss
+
+
+def deep_mlp_model() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    """24 layers of width 512: 48 parameter tensors, 6.3M parameters."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(24):
+        layers += [nn.Linear(512, 512), nn.GELU()]
+    model = nn.Sequential(*layers)
+    x = torch.randn(64, 512)
 
     def loss(m: nn.Module) -> torch.Tensor:
         return m(x).square().mean()
@@ -114,6 +130,12 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
         table["torch AdamW (fused)"] = lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True)
     # What a user gets with no argument but the weight decay (the "auto" meta rule).
     table["MetaOptimize(defaults)"] = lambda p: MetaOptimize(p, weight_decay=0.01)
+    table["MetaOptimize(defaults, per-tensor)"] = lambda p: MetaOptimize(
+        p, weight_decay=0.01, foreach=False
+    )
+    table["MetaOptimize(defaults, foreach)"] = lambda p: MetaOptimize(
+        p, weight_decay=0.01, foreach=True
+    )
     if device.type == "cpu":  # the sync-free path CUDA takes, forced on CPU for comparison
         table["MetaOptimize(defaults, device scalars)"] = lambda p: _device_scalars(
             MetaOptimize(p, weight_decay=0.01)
@@ -186,6 +208,8 @@ def measure(
         model, loss_fn = gpt2_model(device)
     elif model_name == "many-tensors":
         model, loss_fn = many_tensors_model()
+    elif model_name == "deep-mlp":
+        model, loss_fn = deep_mlp_model()
     else:
         model, loss_fn = cpu_model()
     model.to(device)
@@ -232,7 +256,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=("mlp", "many-tensors"), default="mlp")
+    parser.add_argument("--model", choices=("mlp", "deep-mlp", "many-tensors"), default="mlp")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
         "--only", help="substring filter on optimizer names; '|' separates alternatives"

@@ -10,15 +10,22 @@ from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
 from metaoptimize import MetaOptimize
 
 
+@pytest.mark.parametrize("scalars", ["host", "device"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_foreach_equals_per_tensor(case: Case) -> None:
-    """Two groups (one with an lr multiplier), a skipped step, a parameter without gradient."""
+def test_foreach_equals_per_tensor(case: Case, scalars: str) -> None:
+    """Two groups (one with an lr multiplier), a skipped step, a parameter without gradient.
+
+    On CPU the multi-tensor kernel takes Python scalars; ``device`` forces the sync-free form
+    CUDA runs (0-d tensors, a skipped step reaching the kernel with ok = 0).
+    """
     per_tensor_model = TinyNet()
     foreach_model = clone_model(per_tensor_model)
     optimizers = []
     for model, foreach in ((per_tensor_model, False), (foreach_model, True)):
         groups, blocks = case.groups(model)
-        optimizers.append(MetaOptimize(groups, blocks=blocks, foreach=foreach, **case.kwargs()))
+        opt = MetaOptimize(groups, blocks=blocks, foreach=foreach, **case.kwargs())
+        opt._device_scalars = foreach and scalars == "device"
+        optimizers.append(opt)
     for step, batch in enumerate(batches(12)):
         for model, opt in zip((per_tensor_model, foreach_model), optimizers, strict=True):
             model.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ import torch
 
 from metaoptimize._kernels import (
     COMPILED,
+    CPU_FOREACH_MAX_NUMEL,
     EAGER,
     FOREACH,
     HOST,
@@ -44,7 +45,10 @@ CPU = KernelOptions(
 )
 
 
-def _entry(shape: tuple[int, ...] = (4, 3), **state: Any) -> Entry:
+LARGE = (256, 256)  # above CPU_FOREACH_MAX_NUMEL: per tensor on CPU by default
+
+
+def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
     param = torch.zeros(shape)
     return Entry(param, torch.zeros(shape), {"exp_avg": torch.zeros(shape), **state})
 
@@ -52,7 +56,7 @@ def _entry(shape: tuple[int, ...] = (4, 3), **state: Any) -> Entry:
 @pytest.mark.parametrize(
     ("changes", "kernel"),
     [
-        ({}, HOST),  # the CPU default: per tensor, Python scalars
+        ({}, HOST),  # the CPU default for a large tensor: per tensor, Python scalars
         ({"host_scalars": False}, EAGER),  # the sync-free path, forced
         ({"foreach": True}, FOREACH),
         ({"fused": True}, COMPILED),  # CPU tensors: torch.compile, not Triton
@@ -72,11 +76,22 @@ def test_choose_kernel(
     assert choose_kernel(_entry(), replace(CPU, **changes), decoupled=True) == kernel
 
 
+def test_small_cpu_tensors_take_the_multi_tensor_kernel_by_default() -> None:
+    small = _entry((CPU_FOREACH_MAX_NUMEL,))
+    large = _entry((CPU_FOREACH_MAX_NUMEL + 1,))
+    assert choose_kernel(small, CPU, decoupled=True) == FOREACH
+    assert choose_kernel(large, CPU, decoupled=True) == HOST
+    assert choose_kernel(small, replace(CPU, foreach=False), decoupled=True) == HOST
+    assert choose_kernel(large, replace(CPU, foreach=True), decoupled=True) == FOREACH
+    # The sync-free path (CUDA, or forced on CPU) keeps per tensor off CUDA.
+    assert choose_kernel(small, replace(CPU, host_scalars=False), decoupled=True) == EAGER
+
+
 def test_tensors_a_kernel_cannot_take_go_to_the_next_one() -> None:
-    kahan = _entry(kahan_comp=torch.zeros(4, 3))
+    kahan = _entry(kahan_comp=torch.zeros(LARGE))
     assert choose_kernel(kahan, replace(CPU, foreach=True), decoupled=True) == HOST
     strided = _entry()
-    strided.param = torch.zeros(3, 4).t()  # not contiguous: no flat views for the fused kernels
+    strided.param = torch.zeros(LARGE).t()  # not contiguous: no flat views for the fused kernels
     assert choose_kernel(strided, replace(CPU, fused=True), decoupled=True) == EAGER
     triton = replace(CPU, fused=True, fused_backend="triton")
     assert choose_kernel(_entry(), triton, decoupled=False) == COMPILED  # L2: not a Triton base
@@ -96,5 +111,5 @@ def test_plan_groups_foreach_entries_by_group_device_and_dtype() -> None:
         (FOREACH, 1),
         (FOREACH, 1),
     ]
-    per_tensor = plan_kernels(entries, CPU, lambda group: True)
+    per_tensor = plan_kernels(entries, replace(CPU, foreach=False), lambda group: True)
     assert [(b.kernel, b.entries) for b in per_tensor] == [(HOST, entries)]

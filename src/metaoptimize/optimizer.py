@@ -133,7 +133,8 @@ class MetaOptimize(Optimizer):
             ``TRITON_INTERPRET=1``, for tests); ``"compile"`` never uses Triton.
         foreach: update the parameters of a param group, device and dtype with multi-tensor
             (``torch._foreach_*``) operations, one launch per operation instead of one per
-            tensor. Default None: on for CUDA tensors, off on CPU (docs/performance.md).
+            tensor. Default None: on for CUDA tensors and for CPU tensors of at most 32768
+            elements, where the per-tensor kernel's fixed cost dominates (docs/performance.md).
             ``fused=True`` takes precedence for the tensors it supports.
         trace: ``"hessian-free"`` (default; paper Algorithm 3) or ``"hessian"``: keep the
             Hessian terms of the trace (paper Algorithm 1) with Hessian-vector products.

@@ -2,7 +2,8 @@
 
 * :mod:`~metaoptimize._kernels.eager`: one parameter at a time, readable; every other kernel
   is tested against it in float64.
-* :mod:`~metaoptimize._kernels.foreach`: a param group's tensors at once (the CUDA default).
+* :mod:`~metaoptimize._kernels.foreach`: a param group's tensors at once (the CUDA default,
+  and on CPU the default for small tensors).
 * :mod:`~metaoptimize._kernels.compiled`: the eager kernel compiled by ``torch.compile``
   (``fused=True``).
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
@@ -21,6 +22,7 @@ from metaoptimize._types import Entry
 
 __all__ = [
     "COMPILED",
+    "CPU_FOREACH_MAX_NUMEL",
     "EAGER",
     "FOREACH",
     "HOST",
@@ -38,6 +40,10 @@ EAGER = "eager"
 FOREACH = "foreach"
 COMPILED = "compiled"
 TRITON = "triton"
+#: On CPU, tensors up to this size default to the multi-tensor kernel: below it the per-tensor
+#: kernel's fixed cost (about 15 calls) dominates, above it the multi-tensor kernel's extra
+#: temporaries do (docs/performance.md, "CPU: small tensors take the multi-tensor kernel").
+CPU_FOREACH_MAX_NUMEL = 32768
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class KernelOptions:
 
     Attributes:
         base: the base rule's name.
-        foreach: the user's ``foreach`` (None: multi-tensor on CUDA, per tensor elsewhere).
+        foreach: the user's ``foreach`` (None: multi-tensor on CUDA and for CPU tensors of at
+            most :data:`CPU_FOREACH_MAX_NUMEL` elements, per tensor otherwise).
         fused: the user's ``fused``.
         fused_backend: ``"auto"``, ``"triton"`` or ``"compile"``.
         host_scalars: the step runs with Python scalars (CPU).
@@ -84,7 +91,10 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     """The kernel for one parameter (a pure function of the entry and the options)."""
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
-    foreach = options.foreach if options.foreach is not None else grad.device.type == "cuda"
+    foreach = options.foreach
+    if foreach is None:
+        small_on_host = options.host_scalars and param.numel() <= CPU_FOREACH_MAX_NUMEL
+        foreach = grad.device.type == "cuda" or small_on_host
     if (
         foreach
         and not (fused and supports_fused(param, grad, state))

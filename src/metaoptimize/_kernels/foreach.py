@@ -8,7 +8,8 @@ dominate (many small tensors, GPUs). The base rule's own multi-tensor form
 ``tests/test_foreach.py`` checks the two paths agree in float64.
 
 Per-tensor scalars (step counters, step sizes) travel as lists of 0-d tensors, which the
-foreach ops broadcast; nothing is read on the host.
+foreach ops broadcast, and nothing is read on the host; with host scalars (CPU), as Python
+floats, which take torch's scalar-list kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaoptimize.base import BaseRule, TensorList, has_decay
+from metaoptimize.base import BaseRule, Scalars, TensorList, has_decay
 
 __all__ = ["foreach_parameter_step"]
 
@@ -33,9 +34,9 @@ def foreach_parameter_step(
     grads: TensorList,
     states: list[dict[str, Tensor]],
     group: dict[str, Any],
-    finite: Tensor,
-    ok: Tensor,
-    alphas: TensorList,
+    finite: Tensor | None,
+    ok: Tensor | float,
+    alphas: Scalars,
     with_trace: bool,
     decoupled: bool,
 ) -> None:
@@ -48,31 +49,57 @@ def foreach_parameter_step(
         states: their optimizer states (same keys).
         group: their param group (a float weight decay: the learned one uses the per-tensor
             path).
-        finite: 0-d bool, False on a step that is skipped.
-        ok: ``finite`` as 0.0/1.0.
-        alphas: effective step sizes ``lr * exp(β) * ok`` (0-d, or parameter-shaped).
+        finite: 0-d bool, False on a step that is skipped (device scalars); None with host
+            scalars, where a skipped step never reaches the kernel.
+        ok: ``finite`` as 0.0/1.0, or the float 1.0 with host scalars.
+        alphas: effective step sizes ``lr * exp(β) * ok``: 0-d tensors, Python floats (host
+            scalars) or parameter-shaped tensors (per-weight step sizes).
         with_trace: whether the meta rule is active (the traces exist).
         decoupled: whether weight decay is decoupled for this rule and group.
     """
-    grads = _where_finite(finite, grads)
+    if finite is not None:
+        grads = _where_finite(finite, grads)
     u, slopes = rule.foreach_direction(params, grads, states, group, ok)
     kappa = group["weight_decay"]
+    host = isinstance(alphas[0], float)
+    neg_alphas = [-float(a) for a in alphas] if host else torch._foreach_neg(alphas)  # type: ignore[arg-type]
     if decoupled and kappa:
         delta = torch._foreach_add(u, params, alpha=kappa)
-        torch._foreach_mul_(delta, torch._foreach_neg(alphas))
+        torch._foreach_mul_(delta, neg_alphas)
     else:
-        delta = torch._foreach_mul(u, torch._foreach_neg(alphas))
+        delta = torch._foreach_mul(u, neg_alphas)
     if with_trace:
         traces = [s["trace"] for s in states]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)
         if has_decay(kappa):
             # 1 - α κ ∂u/∂g̃ (docs/math.md §4); ∂u/∂g̃ = 1 for decoupled decay.
-            scaled = torch._foreach_mul(alphas, kappa)
-            if not decoupled and slopes is not None:
-                scaled = torch._foreach_mul(scaled, slopes)
-            decays = torch._foreach_add(torch._foreach_neg(scaled), 1.0)
-            torch._foreach_mul_(traces, torch._foreach_mul(decays, gamma))
+            torch._foreach_mul_(
+                traces, _trace_decays(alphas, kappa, None if decoupled else slopes, gamma)
+            )
         else:
             torch._foreach_mul_(traces, gamma)
         torch._foreach_add_(traces, delta)
     torch._foreach_add_(params, delta)
+
+
+def _trace_decays(
+    alphas: Scalars, kappa: float, slopes: Scalars | None, gamma: Tensor | float
+) -> Scalars:
+    """``γ (1 - α κ ∂u/∂g̃)`` per tensor: floats when every factor is a float."""
+    scalar_slopes = slopes is None or isinstance(slopes[0], float)
+    if isinstance(alphas[0], float) and scalar_slopes and isinstance(gamma, float):
+        slope_values = [1.0] * len(alphas) if slopes is None else slopes
+        factors: list[float] = [
+            gamma * (1.0 - float(a) * kappa * float(s))  # type: ignore[arg-type]
+            for a, s in zip(alphas, slope_values, strict=True)
+        ]
+        return factors
+    if isinstance(alphas[0], float):  # elementwise slopes, scalar step sizes
+        scaled = torch._foreach_mul(slopes, [float(a) * kappa for a in alphas])  # type: ignore[arg-type]
+    else:
+        scaled = torch._foreach_mul(alphas, kappa)
+        if slopes is not None:
+            scaled = torch._foreach_mul(scaled, slopes)
+    decays = torch._foreach_add(torch._foreach_neg(scaled), 1.0)
+    torch._foreach_mul_(decays, gamma)
+    return decays

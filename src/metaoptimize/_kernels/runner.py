@@ -26,7 +26,7 @@ from metaoptimize._kernels.eager import meta_step, parameter_step
 from metaoptimize._kernels.foreach import foreach_parameter_step
 from metaoptimize._kernels.triton import triton_parameter_step
 from metaoptimize._types import Entry
-from metaoptimize.base import BaseRule, is_decoupled
+from metaoptimize.base import BaseRule, Scalars, is_decoupled
 from metaoptimize.meta import MetaRule
 
 __all__ = ["KernelRunner", "StepScalars"]
@@ -43,7 +43,7 @@ class StepScalars:
         alpha_blocks: Tensor | None,
         kappa_blocks: Tensor | None,
     ) -> None:
-        self.finite, self.meta_active = finite, meta_active
+        self.finite, self.host, self.meta_active = finite, host, meta_active
         self.alpha_blocks, self.kappa_blocks = alpha_blocks, kappa_blocks
         # Host scalars: the block step sizes and weight decays as Python floats, read once.
         self.alpha_values = alpha_blocks.tolist() if host and alpha_blocks is not None else []
@@ -200,13 +200,17 @@ class KernelRunner:
         """One param group's parameters on one device and dtype, by the multi-tensor kernel."""
         group = bucket[0].group
         device, dtype = bucket[0].grad.device, bucket[0].grad.dtype
-        finite_here, ok = scalars.flags(device, dtype)
+        finite_here: Tensor | None = None
+        ok: Tensor | float = 1.0  # host scalars: a skipped step never gets here
+        if not scalars.host:
+            finite_here, ok = scalars.flags(device, dtype)
         scale = ok * group["lr"]
-        if scalars.alpha_blocks is None:
-            alphas: list[Tensor] | tuple[Tensor, ...] = torch._foreach_exp(
-                [e.state["log_alpha"] for e in bucket]
-            )
+        alphas: Scalars
+        if scalars.alpha_blocks is None:  # per-weight step sizes
+            alphas = torch._foreach_exp([e.state["log_alpha"] for e in bucket])
             torch._foreach_mul_(alphas, scale)
+        elif scalars.host:
+            alphas = [scalars.alpha_values[e.block] * group["lr"] for e in bucket]
         else:
             index, _ = self.block_indices(tuple(e.block for e in bucket))
             alphas = list((scalars.alpha_blocks[index].to(device, dtype) * scale).unbind())

@@ -24,6 +24,7 @@ from __future__ import annotations
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Scalars,
     Slope,
     TensorList,
     has_decay,
@@ -39,6 +40,7 @@ __all__ = [
     "BASE_RULES",
     "BaseRule",
     "Group",
+    "Scalars",
     "Slope",
     "TensorList",
     "adam_l2_slope",

@@ -13,13 +13,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["BaseRule", "Group", "Slope", "TensorList", "has_decay", "is_decoupled", "state_dtype"]
+__all__ = [
+    "BaseRule",
+    "Group",
+    "Scalars",
+    "Slope",
+    "TensorList",
+    "has_decay",
+    "is_decoupled",
+    "state_dtype",
+]
 
 Group = dict[str, Any]
 # The trace's slope ∂u/∂g̃: a tensor (elementwise), a 0-d tensor or a float (host scalars), or
 # None (decoupled decay).
 Slope = Tensor | float | None
 TensorList = list[Tensor] | tuple[Tensor, ...]
+#: Per-tensor scalars of the multi-tensor form: 0-d tensors, or Python floats (host scalars).
+Scalars = TensorList | list[float]
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -90,35 +101,61 @@ def foreach_l2(grads: TensorList, params: TensorList, kappa: float) -> TensorLis
     return torch._foreach_add(grads, params, alpha=kappa) if kappa else grads
 
 
-def foreach_ema_(averages: TensorList, inputs: TensorList, weight: Tensor) -> None:
-    """``a ← (1-w) a + w x`` in place, for a 0-d tensor ``w``.
+def foreach_ema_(averages: TensorList, inputs: TensorList, weight: Tensor | float) -> None:
+    """``a ← (1-w) a + w x`` in place, for a 0-d tensor or float ``w``.
 
     ``lerp_`` with a tensor weight would read it on the host; the multiply and add overloads
-    that take a 0-d tensor do not (rounding differs from ``lerp_`` in the last bits).
+    that take a 0-d tensor do not (rounding differs from ``lerp_`` in the last bits). A float
+    ``w`` (host scalars) takes ``lerp_``, as the per-tensor host path.
     """
+    if isinstance(weight, float):
+        torch._foreach_lerp_(averages, inputs, weight)
+        return
     torch._foreach_mul_(averages, 1.0 - weight)
     torch._foreach_add_(averages, torch._foreach_mul(inputs, weight))
 
 
-def foreach_ema_square_(averages: TensorList, inputs: TensorList, weight: Tensor) -> None:
+def foreach_ema_square_(averages: TensorList, inputs: TensorList, weight: Tensor | float) -> None:
     """``a ← (1-w) a + w x²`` in place, as :func:`metaoptimize._math.ema_square_` (overflow-safe)."""
     torch._foreach_mul_(averages, 1.0 - weight)
+    if isinstance(weight, float):
+        torch._foreach_addcmul_(averages, inputs, inputs, value=weight)
+        return
     torch._foreach_addcmul_(averages, torch._foreach_mul(inputs, weight), inputs)
 
 
-def foreach_add_(tensors: TensorList, value: Tensor) -> None:
+def foreach_add_(tensors: TensorList, value: Tensor | float) -> None:
     """``t += value`` for a 0-d tensor ``value``.
 
     With a list of 0-d tensors, ``_foreach_add_(list, value)`` takes the Scalar overload (a host
     read), so ``value`` goes in as a list.
     """
-    torch._foreach_add_(tensors, [value] * len(tensors))
+    if isinstance(value, float):
+        torch._foreach_add_(tensors, value)
+    else:
+        torch._foreach_add_(tensors, [value] * len(tensors))
 
 
-def foreach_bias_corrections(beta: float, steps: TensorList) -> TensorList:
-    """``1 - β^max(t, 1)`` per tensor (as :func:`bias_correction`)."""
-    powers = torch._foreach_pow(beta, torch._foreach_clamp_min(steps, 1.0))
+def step_counts(steps: TensorList, ok: Tensor | float) -> Scalars:
+    """The step counters, read once as Python floats with host scalars (``ok`` a float)."""
+    if isinstance(ok, float):
+        values: list[float] = torch.stack(list(steps)).tolist()
+        return values
+    return steps
+
+
+def foreach_bias_corrections(beta: float, counts: Scalars) -> Scalars:
+    """``1 - β^max(t, 1)`` per tensor (as :func:`bias_correction`), floats for float counts."""
+    if counts and isinstance(counts[0], float):
+        return [1.0 - beta ** max(float(t), 1.0) for t in counts]
+    powers = torch._foreach_pow(beta, torch._foreach_clamp_min(counts, 1.0))  # type: ignore[arg-type]
     return torch._foreach_add(torch._foreach_neg(powers), 1.0)
+
+
+def foreach_sqrt_scalars(values: Scalars) -> Scalars:
+    if values and isinstance(values[0], float):
+        return [math.sqrt(float(v)) for v in values]
+    return torch._foreach_sqrt(values)  # type: ignore[arg-type]
 
 
 def foreach_safe_div(numerators: TensorList, denominators: TensorList) -> TensorList:
@@ -179,11 +216,13 @@ class BaseRule:
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         """:meth:`direction` for a list of parameters of one group, device and dtype.
 
-        ``ok`` is a 0-d tensor (the multi-tensor path never reads it on the host).
+        ``ok`` is a 0-d tensor (device scalars: nothing is read on the host) or, with host
+        scalars on CPU, the float 1.0; per-tensor constants are then Python floats and the
+        slopes may be a list of floats.
         """
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ from metaoptimize._math import ema_square_, sqrt
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Scalars,
     Slope,
     TensorList,
     bias_correction,
@@ -18,11 +19,13 @@ from metaoptimize.base._rule import (
     foreach_ema_square_,
     foreach_l2,
     foreach_safe_div,
+    foreach_sqrt_scalars,
     has_decay,
     l2,
     lean_slope,
     safe_div,
     sqrt_scalar,
+    step_counts,
     step_state,
     zeros_state,
 )
@@ -97,8 +100,8 @@ class Adam(BaseRule):
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         beta1, beta2 = group["betas"]
         kappa = 0.0 if self.decoupled_weight_decay else group["weight_decay"]
         g = foreach_l2(grads, params, kappa)
@@ -108,20 +111,34 @@ class Adam(BaseRule):
         foreach_add_(steps, ok)
         foreach_ema_(exp_avgs, g, ok * (1.0 - beta1))
         foreach_ema_square_(exp_avg_sqs, g, ok * (1.0 - beta2))
-        bias1 = foreach_bias_corrections(beta1, steps)
-        bias2 = foreach_bias_corrections(beta2, steps)
-        rms = torch._foreach_div(
-            torch._foreach_sqrt(exp_avg_sqs), torch._foreach_sqrt(bias2)
-        )  # sqrt(v̂)
+        counts = step_counts(steps, ok)
+        bias1 = foreach_bias_corrections(beta1, counts)
+        bias2 = foreach_bias_corrections(beta2, counts)
+        rms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(rms, foreach_sqrt_scalars(bias2))  # sqrt(v̂)
+        if not has_decay(kappa) and isinstance(ok, float):
+            # u = m̂/(√v̂+ε) built in place, as the per-tensor host path does.
+            torch._foreach_add_(rms, group["eps"])
+            torch._foreach_reciprocal_(rms)
+            torch._foreach_mul_(rms, exp_avgs)
+            torch._foreach_div_(rms, bias1)
+            return rms, None
         denoms = torch._foreach_add(rms, group["eps"])
         m_hat = torch._foreach_div(exp_avgs, bias1)
         u = torch._foreach_div(m_hat, denoms)
         if not has_decay(kappa):
             return u, None
         # adam_l2_slope: c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²)
-        c1 = torch._foreach_div([ok.new_full((), 1.0 - beta1)] * len(steps), bias1)
-        c2 = torch._foreach_div([ok.new_full((), 1.0 - beta2)] * len(steps), bias2)
-        first = torch._foreach_div(c1, denoms)
+        c1: Scalars
+        c2: Scalars
+        if isinstance(ok, float):
+            c1 = [(1.0 - beta1) / float(b) for b in bias1]
+            c2 = [(1.0 - beta2) / float(b) for b in bias2]
+            first = torch._foreach_mul(torch._foreach_reciprocal(denoms), c1)
+        else:
+            c1 = torch._foreach_div([ok.new_full((), 1.0 - beta1)] * len(steps), bias1)
+            c2 = torch._foreach_div([ok.new_full((), 1.0 - beta2)] * len(steps), bias2)
+            first = torch._foreach_div(c1, denoms)
         numerators = torch._foreach_mul(torch._foreach_mul(m_hat, c2), g)
         products = torch._foreach_mul(torch._foreach_mul(rms, denoms), denoms)
         return u, torch._foreach_sub(first, foreach_safe_div(numerators, products))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metaoptimize.base._rule import BaseRule, Group, Slope, TensorList, foreach_ema_, zeros_state
+from metaoptimize.base._rule import (
+    BaseRule,
+    Group,
+    Scalars,
+    Slope,
+    TensorList,
+    foreach_ema_,
+    zeros_state,
+)
 
 __all__: list[str] = []  # the rule is reached through the registry
 
@@ -45,8 +53,8 @@ class Lion(BaseRule):
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         beta1, beta2 = group["betas"]
         exp_avgs = [s["exp_avg"] for s in states]
         u = torch._foreach_sign(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))

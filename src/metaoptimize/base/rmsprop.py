@@ -9,6 +9,7 @@ from metaoptimize._math import ema_square_, sqrt
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Scalars,
     Slope,
     TensorList,
     bias_correction,
@@ -22,6 +23,7 @@ from metaoptimize.base._rule import (
     l2,
     lean_slope,
     safe_div,
+    step_counts,
     step_state,
     zeros_state,
 )
@@ -123,8 +125,8 @@ class RMSprop(BaseRule):
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         (smoothing,) = group["betas"]
         eps, kappa = group["eps"], group["weight_decay"]
         square_avgs = [s["square_avg"] for s in states]
@@ -133,7 +135,9 @@ class RMSprop(BaseRule):
         if group["base_style"] == "paper":
             foreach_ema_square_(square_avgs, grads, ok * (1.0 - smoothing))
             rms = torch._foreach_sqrt(
-                torch._foreach_div(square_avgs, foreach_bias_corrections(smoothing, steps))
+                torch._foreach_div(
+                    square_avgs, foreach_bias_corrections(smoothing, step_counts(steps, ok))
+                )
             )
             return torch._foreach_div(grads, torch._foreach_add(rms, eps)), None
         g = foreach_l2(grads, params, kappa)

@@ -8,6 +8,7 @@ from torch import Tensor
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Scalars,
     Slope,
     TensorList,
     foreach_add_,
@@ -15,6 +16,7 @@ from metaoptimize.base._rule import (
     foreach_l2,
     has_decay,
     l2,
+    step_counts,
     step_state,
     zeros_state,
 )
@@ -52,12 +54,15 @@ class SGD(BaseRule):
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         kappa = group["weight_decay"]
-        return foreach_l2(grads, params, kappa), (
-            [ok.new_ones(())] * len(params) if kappa else None
-        )
+        if not kappa:
+            return grads, None
+        ones: Scalars = [1.0] * len(params)
+        if not isinstance(ok, float):
+            ones = [ok.new_ones(())] * len(params)
+        return foreach_l2(grads, params, kappa), ones
 
 
 class SGDMomentum(BaseRule):
@@ -129,8 +134,8 @@ class SGDMomentum(BaseRule):
         grads: TensorList,
         states: list[dict[str, Tensor]],
         group: Group,
-        ok: Tensor,
-    ) -> tuple[TensorList, TensorList | None]:
+        ok: Tensor | float,
+    ) -> tuple[TensorList, Scalars | None]:
         mu = group["momentum"]
         bufs = [s["momentum_buffer"] for s in states]
         if group["base_style"] == "paper":
@@ -140,12 +145,25 @@ class SGDMomentum(BaseRule):
         kappa = group["weight_decay"]
         g = foreach_l2(grads, params, kappa)
         steps = [s["step"] for s in states]
-        started = torch.stack(steps) > 0
-        coefs = list((1.0 - group["dampening"] * started.to(ok.dtype)).unbind())
+        dampening = group["dampening"]
+        # torch.optim.SGD starts the buffer at g̃ (no dampening on the first step).
+        coefs: Scalars
         torch._foreach_mul_(bufs, 1.0 + ok * (mu - 1.0))
-        torch._foreach_add_(bufs, torch._foreach_mul(g, torch._foreach_mul(coefs, ok)))
+        if isinstance(ok, float):
+            host_coefs = [1.0 - dampening * float(t > 0) for t in step_counts(steps, ok)]
+            torch._foreach_add_(bufs, torch._foreach_mul(g, [c * ok for c in host_coefs]))
+            coefs = host_coefs
+        else:
+            started = torch.stack(steps) > 0
+            coef_tensors = list((1.0 - dampening * started.to(ok.dtype)).unbind())
+            torch._foreach_add_(bufs, torch._foreach_mul(g, torch._foreach_mul(coef_tensors, ok)))
+            coefs = coef_tensors
         foreach_add_(steps, ok)
+        slopes: Scalars | None = coefs if kappa else None
         if group["nesterov"]:
-            slopes = torch._foreach_add(torch._foreach_mul(coefs, mu), 1.0) if kappa else None
+            if kappa and isinstance(ok, float):
+                slopes = [1.0 + mu * float(c) for c in coefs]
+            elif kappa:
+                slopes = torch._foreach_add(torch._foreach_mul(coefs, mu), 1.0)  # type: ignore[arg-type]
             return torch._foreach_add(g, bufs, alpha=mu), slopes
-        return bufs, (coefs if kappa else None)
+        return bufs, slopes
