@@ -86,6 +86,30 @@ def test_auto_rule_equals_its_formula_in_plain_python() -> None:
     assert _run_rule(zs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("betas", [(0.999, 1.0), (0.3, 0.9)])
+def test_auto_rule_float_form_equals_the_tensor_form(betas: tuple[float, float]) -> None:
+    """The CPU host path's Python-float meta step is the tensor rule, in float64."""
+    rule = get_meta_rule("auto", 0.5, betas, 1e-8)
+    generator = torch.Generator().manual_seed(0)
+    n = 9
+    beta = torch.randn(n, generator=generator, dtype=torch.float64)
+    state = rule.init_state(beta)
+    for step in range(40):
+        z = torch.randn(n, generator=generator, dtype=torch.float64) * 10.0 ** (step % 7 - 3)
+        z[step % n] = 0.0  # no signal for one block each step (and zero scale at first)
+        floats = rule.update_floats(
+            beta.tolist(), z.tolist(), {k: v.tolist() for k, v in state.items()}
+        )
+        assert floats is not None
+        beta, state = rule.update(beta, z, state)
+        torch.testing.assert_close(
+            torch.tensor(floats[0], dtype=torch.float64), beta, rtol=1e-15, atol=0
+        )
+        for key, value in state.items():
+            expected = torch.tensor(floats[1][key], dtype=torch.float64)
+            torch.testing.assert_close(expected, value, rtol=1e-15, atol=0)
+
+
 def test_auto_rule_climbs_fast_under_a_consistent_signal() -> None:
     betas = _run_rule([-1e-9] * 100)
     # Each step moves η/√t: the sum is at least 2η(√(t+1) − 1).

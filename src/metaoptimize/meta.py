@@ -10,6 +10,7 @@ keeps the old values wherever a block was not active or the step was not finite.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -51,6 +52,17 @@ class MetaRule:
     def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         """Return ``(new β, new state)``; inputs are not modified."""
         raise NotImplementedError
+
+    def update_floats(
+        self, beta: list[float], z: list[float], state: dict[str, list[float]]
+    ) -> tuple[list[float], dict[str, list[float]]] | None:
+        """:meth:`update` on Python floats, for a few blocks on CPU; None: not provided.
+
+        A CPU step decides its verdict on the host, and there a handful of floats costs far
+        less than a dozen tensor operations on a one-element tensor. The result equals
+        :meth:`update` in float64 (computed in double precision, then stored).
+        """
+        return None
 
 
 class Fixed(MetaRule):
@@ -178,6 +190,31 @@ class Auto(MetaRule):
         nonzero = sum_sq > 0
         step = torch.where(nonzero, z_hat / sqrt(torch.where(nonzero, sum_sq, 1.0)), 0.0)
         return beta - self.meta_lr * step, {"scale": scale, "sum_sq": sum_sq}
+
+    def update_floats(
+        self, beta: list[float], z: list[float], state: dict[str, list[float]]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        assert self.betas is not None
+        decay, keep = self.betas
+        weight = 1.0 - decay
+        new_beta, new_scale, new_sum = [], [], []
+        for b, g, s, total in zip(beta, z, state["scale"], state["sum_sq"], strict=True):
+            size = abs(g)
+            scale = max(size, _lerp(s, size, weight))
+            z_hat = g / scale if scale > 0.0 else 0.0
+            total = total * keep + z_hat * z_hat
+            step = z_hat / math.sqrt(total) if total > 0.0 else 0.0
+            new_beta.append(b - self.meta_lr * step)
+            new_scale.append(scale)
+            new_sum.append(total)
+        return new_beta, {"scale": new_scale, "sum_sq": new_sum}
+
+
+def _lerp(start: float, end: float, weight: float) -> float:
+    """``torch.lerp`` on floats, in its operation order."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
 
 
 META_RULES: dict[str, type[MetaRule]] = {

@@ -9,6 +9,7 @@ every gradient when nothing is learned, finite) is the same on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,14 @@ class MetaGradient:
     """One step's meta-gradients and its verdict.
 
     Attributes:
-        finite: 0-d bool on the home device: False when the step must be skipped.
+        finite: False when the step must be skipped: a 0-d bool on the home device, or a
+            Python bool where it was decided on the host (CPU block meta-gradients).
         block: per block, the step sizes' ``z`` followed (with a learned weight decay) by the
             weight decays' ``z``; None with per-weight step sizes or no active meta rule.
         weight: per entry, ``h ⊙ g`` (per-weight step sizes with an active meta rule).
     """
 
-    finite: Tensor
+    finite: Tensor | bool
     block: Tensor | None = None
     weight: list[Tensor] = field(default_factory=list)
 
@@ -51,6 +53,7 @@ def meta_gradient(
     dtype: torch.dtype,
     reduce_group: Any,
     reduce_blocks: bool,
+    host: bool = False,
 ) -> MetaGradient:
     """The meta-gradient of this step.
 
@@ -68,6 +71,8 @@ def meta_gradient(
         reduce_blocks: whether the block meta-gradient is all-reduced (False where each rank's
             blocks are its own, as with ZeRO and tensor blocks; the verdict is then the
             rank's own, as its blocks are).
+        host: decide the verdict of block meta-gradients on the host (reading a CPU tensor
+            is not a synchronisation, and a handful of floats is cheaper to check there).
     """
     if meta_active and not per_weight:
         return _block_meta_gradient(
@@ -78,6 +83,7 @@ def meta_gradient(
             home,
             dtype,
             reduce_group if reduce_blocks else None,
+            host,
         )
     weight = [e.state["trace"] * e.grad for e in entries] if meta_active else []
     checked = weight if meta_active else [e.grad for e in entries]
@@ -109,6 +115,7 @@ def _block_meta_gradient(
     home: torch.device,
     dtype: torch.dtype,
     block_group: Any,
+    host: bool,
 ) -> MetaGradient:
     traces = ("trace", "wd_trace") if learn_weight_decay else ("trace",)
     z = torch.zeros(len(traces) * num_blocks, dtype=dtype, device=home)
@@ -123,4 +130,6 @@ def _block_meta_gradient(
         z.index_add_(0, index, torch.stack(partials))
     if block_group is not None:
         dist.all_reduce(z, group=block_group)
+    if host:
+        return MetaGradient(all(map(math.isfinite, z.tolist())), z)
     return MetaGradient((~torch.isfinite(z)).sum() == 0, z)

@@ -22,6 +22,8 @@ from metaoptimize.meta import MetaRule
 __all__ = ["UNBOUNDED", "MetaParameter", "block_start_values"]
 
 UNBOUNDED = (-math.inf, math.inf)
+#: Up to this many blocks, a CPU meta step runs on Python floats when its rule allows.
+HOST_META_MAX_BLOCKS = 64
 
 
 class MetaParameter:
@@ -55,10 +57,31 @@ class MetaParameter:
         self.values = torch.cat([self.values, extra])
         self.state = {key: torch.cat([self.state[key], fresh[key]]) for key in fresh}
 
-    def step(self, z: Tensor, keep: Tensor) -> None:
-        """One meta step with meta-gradient ``z`` where ``keep`` holds; in place."""
+    def step(self, z: Tensor, keep: Tensor | None) -> None:
+        """One meta step with meta-gradient ``z`` where ``keep`` holds.
+
+        ``keep=None``: every block steps, as decided on the host (a finite CPU step); a few
+        blocks then take the rule's float form when it has one.
+        """
+        if keep is None and len(self) <= HOST_META_MAX_BLOCKS and self._host_step(z):
+            return
         low, high = self.bounds
         meta_step(self.rule, self.values, z.to(self.values.dtype), self.state, keep, low, high)
+
+    def _host_step(self, z: Tensor) -> bool:
+        """The meta step on Python floats (CPU); False when the rule has no float form."""
+        state = {key: value.tolist() for key, value in self.state.items()}
+        result = self.rule.update_floats(self.values.tolist(), z.tolist(), state)
+        if result is None:
+            return False
+        new_values, new_state = result
+        low, high = self.bounds
+        rows = [[min(max(v, low), high) for v in new_values], *new_state.values()]
+        written = torch.tensor(rows, dtype=self.values.dtype)
+        self.values.copy_(written[0])
+        for row, key in enumerate(new_state, start=1):
+            self.state[key].copy_(written[row])
+        return True
 
     def saved(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Copies of the values and the meta state, for a state dict."""

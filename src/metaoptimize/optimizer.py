@@ -441,12 +441,13 @@ class MetaOptimize(Optimizer):
         if not entries and reduce_group is None:
             return loss
 
-        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
-        grads = self._meta_gradient(entries, reduce_group)
         # On CPU, reading a value is not a device synchronisation: a non-finite step is
-        # skipped right here, and the per-tensor kernel gets Python scalars (torch's scalar
-        # fast paths, no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
+        # skipped right here, and the kernels get Python scalars (torch's scalar fast paths,
+        # no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
         host_scalars = self._home.type == "cpu" and not self._device_scalars
+
+        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
+        grads = self._meta_gradient(entries, reduce_group, host_scalars)
         if host_scalars and not bool(grads.finite):
             self._skipped.add_(1)
             return loss
@@ -525,7 +526,7 @@ class MetaOptimize(Optimizer):
             self._index_cache[blocks] = cached
         return cached
 
-    def _meta_gradient(self, entries: list[Entry], reduce_group: Any) -> MetaGradient:
+    def _meta_gradient(self, entries: list[Entry], reduce_group: Any, host: bool) -> MetaGradient:
         layout = self.layout
         block_index = self._block_indices(tuple(e.block for e in entries))[0] if entries else None
         return meta_gradient(
@@ -540,6 +541,7 @@ class MetaOptimize(Optimizer):
             reduce_group=reduce_group,
             reduce_blocks=self._sharding.partition_group is None
             or layout.mode in ("scalar", "group"),
+            host=host,
         )
 
     def _decoupled(self, group: dict[str, Any]) -> bool:
@@ -559,25 +561,30 @@ class MetaOptimize(Optimizer):
         )
 
     def _meta_steps(self, entries: list[Entry], grads: MetaGradient) -> None:
-        """The meta steps of this step where it was finite; a skipped step is counted."""
+        """The meta steps of this step where it was finite; a skipped step is counted.
+
+        A verdict decided on the host (a Python bool) reaches here only for a finite step.
+        """
         finite = grads.finite
         if self._step_size.rule.active and entries:
             if grads.block is not None:
                 _, active = self._block_indices(tuple(e.block for e in entries))
-                keep = active & finite
+                keep = _keep(active, finite)
                 n = len(self._step_size)
                 self._step_size.step(grads.block[:n], keep)
                 if self._learn_wd:
                     self._weight_decay.step(grads.block[n:], keep)
             else:  # per-weight step sizes live in each parameter's state
+                assert isinstance(finite, Tensor)  # decided on the device
                 rule, bounds = self._step_size.rule, self._step_size.bounds
                 for entry, z in zip(entries, grads.weight, strict=True):
                     meta_state = _weight_meta_state(entry.state)
-                    log_alpha, keep = entry.state["log_alpha"], finite.to(z.device)
+                    log_alpha, keep_here = entry.state["log_alpha"], finite.to(z.device)
                     self._kernels.weight_meta_step(
-                        rule, log_alpha, z, meta_state, keep, bounds, self._fused
+                        rule, log_alpha, z, meta_state, keep_here, bounds, self._fused
                     )
-        self._skipped.add_((~finite).to(torch.int64))
+        if isinstance(finite, Tensor):
+            self._skipped.add_((~finite).to(torch.int64))
 
     def _hessian_step(self, closure: Callable[[], Any] | None) -> Any:
         """One step with the Hessian trace (docs/math.md §13, :mod:`metaoptimize.hessian`)."""
@@ -844,6 +851,16 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
         for p in group["params"]:
             dtype = torch.promote_types(dtype, state_dtype(p))
     return dtype
+
+
+def _keep(active: Tensor, finite: Tensor | bool) -> Tensor | None:
+    """Where the block meta step applies; None when it applies everywhere.
+
+    A Python bool verdict was decided on the host (CPU), where reading ``active`` is free.
+    """
+    if isinstance(finite, Tensor):
+        return active & finite
+    return None if bool(active.all()) else active
 
 
 def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:

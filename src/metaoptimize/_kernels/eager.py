@@ -99,14 +99,22 @@ def meta_step(
     log_alpha: Tensor,
     z: Tensor,
     meta_state: dict[str, Tensor],
-    keep: Tensor,
+    keep: Tensor | None,
     low: float,
     high: float,
 ) -> None:
-    """The meta rule on ``β = log α`` where ``keep`` holds, clamped to ``[low, high]``; in place."""
+    """The meta rule on ``β = log α`` where ``keep`` holds, clamped to ``[low, high]``; in place.
+
+    ``keep=None``: every entry steps (known on the host: no ``where`` needed).
+    """
     new_log_alpha, new_state = rule.update(log_alpha, z, meta_state)
     if low > float("-inf") or high < float("inf"):
         new_log_alpha = new_log_alpha.clamp(low, high)
+    if keep is None:
+        log_alpha.copy_(new_log_alpha)
+        for key, value in new_state.items():
+            meta_state[key].copy_(value)
+        return
     log_alpha.copy_(torch.where(keep, new_log_alpha, log_alpha))
     for key, value in new_state.items():
         meta_state[key].copy_(torch.where(keep, value, meta_state[key]))

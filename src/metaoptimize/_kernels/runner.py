@@ -37,7 +37,7 @@ class StepScalars:
 
     def __init__(
         self,
-        finite: Tensor,
+        finite: Tensor | bool,
         host: bool,
         meta_active: bool,
         alpha_blocks: Tensor | None,
@@ -54,7 +54,10 @@ class StepScalars:
         """The skip verdict on ``device`` as a bool and as 0.0/1.0 in ``dtype`` (cached)."""
         key = (device, dtype)
         if key not in self._flags:
-            on_device = self.finite.to(device)
+            if isinstance(self.finite, Tensor):
+                on_device = self.finite.to(device)
+            else:  # decided on the host; the compiled kernels still take it as a tensor
+                on_device = torch.full((), self.finite, dtype=torch.bool, device=device)
             self._flags[key] = (on_device, on_device.to(dtype))
         return self._flags[key]
 
