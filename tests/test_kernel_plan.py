@@ -16,6 +16,7 @@ import torch
 from metaoptimize._kernels import (
     COMPILED,
     CPU_FOREACH_MAX_NUMEL,
+    CPU_FOREACH_MIN_TENSORS,
     EAGER,
     FOREACH,
     HOST,
@@ -113,3 +114,15 @@ def test_plan_groups_foreach_entries_by_group_device_and_dtype() -> None:
     ]
     per_tensor = plan_kernels(entries, replace(CPU, foreach=False), lambda group: True)
     assert [(b.kernel, b.entries) for b in per_tensor] == [(HOST, entries)]
+
+
+def test_a_default_cpu_bucket_of_few_small_tensors_runs_per_tensor() -> None:
+    group: dict[str, Any] = {}
+    few = [_entry((8,)) for _ in range(CPU_FOREACH_MIN_TENSORS - 1)]
+    enough = [_entry((8,)) for _ in range(CPU_FOREACH_MIN_TENSORS)]
+    for entry in few + enough:
+        entry.group = group
+    assert [b.kernel for b in plan_kernels(few, CPU, lambda g: True)] == [HOST]
+    assert [b.kernel for b in plan_kernels(enough, CPU, lambda g: True)] == [FOREACH]
+    forced = plan_kernels(few, replace(CPU, foreach=True), lambda g: True)
+    assert [b.kernel for b in forced] == [FOREACH]  # the user's choice stands

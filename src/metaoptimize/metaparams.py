@@ -77,10 +77,14 @@ class MetaParameter:
         new_values, new_state = result
         low, high = self.bounds
         rows = [[min(max(v, low), high) for v in new_values], *new_state.values()]
+        targets = [self.values, *(self.state[key] for key in new_state)]
+        if len(self) == 1:  # fill_ takes the float directly: no tensor to build
+            for target, row in zip(targets, rows, strict=True):
+                target.fill_(row[0])
+            return True
         written = torch.tensor(rows, dtype=self.values.dtype)
-        self.values.copy_(written[0])
-        for row, key in enumerate(new_state, start=1):
-            self.state[key].copy_(written[row])
+        for target, row_values in zip(targets, written, strict=True):
+            target.copy_(row_values)
         return True
 
     def saved(self) -> tuple[Tensor, dict[str, Tensor]]:

@@ -261,7 +261,7 @@ class MetaOptimize(Optimizer):
         self._step_size = MetaParameter(meta_rule, bounds, no_blocks)
         self._weight_decay = MetaParameter(wd_rule, UNBOUNDED, no_blocks.clone())
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
-        self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor, bool]] = {}
         self._kernels = KernelRunner(self._base, self._block_indices)
         self._grow_blocks()
 
@@ -517,12 +517,17 @@ class MetaOptimize(Optimizer):
 
     def _block_indices(self, blocks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Device tensors for the active params' block ids and the active-block mask (cached)."""
+        index, mask, _ = self._block_info(blocks)
+        return index, mask
+
+    def _block_info(self, blocks: tuple[int, ...]) -> tuple[Tensor, Tensor, bool]:
+        """:meth:`_block_indices` and whether every block is active (cached per block tuple)."""
         cached = self._index_cache.get(blocks)
         if cached is None:
             index = torch.tensor(blocks, dtype=torch.int64, device=self._home)
             mask = torch.zeros(self.layout.num_blocks, dtype=torch.bool, device=self._home)
             mask[index] = True
-            cached = (index, mask)
+            cached = (index, mask, len(set(blocks)) == self.layout.num_blocks)
             self._index_cache[blocks] = cached
         return cached
 
@@ -568,8 +573,8 @@ class MetaOptimize(Optimizer):
         finite = grads.finite
         if self._step_size.rule.active and entries:
             if grads.block is not None:
-                _, active = self._block_indices(tuple(e.block for e in entries))
-                keep = _keep(active, finite)
+                _, active, all_active = self._block_info(tuple(e.block for e in entries))
+                keep = _keep(active, finite, all_active)
                 n = len(self._step_size)
                 self._step_size.step(grads.block[:n], keep)
                 if self._learn_wd:
@@ -853,14 +858,14 @@ def _promoted_state_dtype(param_groups: list[dict[str, Any]]) -> torch.dtype:
     return dtype
 
 
-def _keep(active: Tensor, finite: Tensor | bool) -> Tensor | None:
+def _keep(active: Tensor, finite: Tensor | bool, all_active: bool) -> Tensor | None:
     """Where the block meta step applies; None when it applies everywhere.
 
-    A Python bool verdict was decided on the host (CPU), where reading ``active`` is free.
+    A Python bool verdict was decided on the host (CPU): the step is finite.
     """
     if isinstance(finite, Tensor):
         return active & finite
-    return None if bool(active.all()) else active
+    return None if all_active else active
 
 
 def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:

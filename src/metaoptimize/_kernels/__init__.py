@@ -23,6 +23,7 @@ from metaoptimize._types import Entry
 __all__ = [
     "COMPILED",
     "CPU_FOREACH_MAX_NUMEL",
+    "CPU_FOREACH_MIN_TENSORS",
     "EAGER",
     "FOREACH",
     "HOST",
@@ -44,6 +45,8 @@ TRITON = "triton"
 #: kernel's fixed cost (about 15 calls) dominates, above it the multi-tensor kernel's extra
 #: temporaries do (docs/performance.md, "CPU: small tensors take the multi-tensor kernel").
 CPU_FOREACH_MAX_NUMEL = 32768
+#: ... and only when a bucket holds at least this many of them (fewer run faster per tensor).
+CPU_FOREACH_MIN_TENSORS = 3
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,9 @@ def plan_kernels(
     """Group the entries by kernel, once per step.
 
     ``FOREACH`` gets a bucket per (param group, device, dtype); every other kernel one bucket
-    of its entries. Entry order is kept within each bucket.
+    of its entries. Entry order is kept within each bucket. A CPU bucket the default put on the
+    multi-tensor kernel runs per tensor when it holds fewer than
+    :data:`CPU_FOREACH_MIN_TENSORS` tensors.
     """
     buckets: dict[tuple[Any, ...], Bucket] = {}
     for entry in entries:
@@ -135,4 +140,9 @@ def plan_kernels(
         if kernel == FOREACH:
             key = (kernel, id(entry.group), entry.grad.device, entry.grad.dtype)
         buckets.setdefault(key, Bucket(kernel)).entries.append(entry)
-    return list(buckets.values())
+    planned = list(buckets.values())
+    if options.foreach is None and options.host_scalars:
+        for bucket in planned:
+            if bucket.kernel == FOREACH and len(bucket.entries) < CPU_FOREACH_MIN_TENSORS:
+                bucket.kernel = HOST  # the default chose it for small CPU tensors
+    return planned
