@@ -57,9 +57,18 @@ class Sharding:
 
     Args:
         partition_group: ZeRO's process group (each parameter lives on one rank), or None.
+        explicit_blocks: whether the step-size blocks are explicit lists of parameters.
+
+    Raises:
+        ValueError: explicit blocks with a partition group (each rank holds other parameters).
     """
 
-    def __init__(self, partition_group: Any = None) -> None:
+    def __init__(self, partition_group: Any = None, explicit_blocks: bool = False) -> None:
+        if partition_group is not None and explicit_blocks:
+            raise ValueError(
+                "Invalid blocks: explicit blocks cannot be combined with "
+                "partition_group (each rank holds different parameters)"
+            )
         self.partition_group = partition_group
         self._mesh: Any = _UNSET
 

@@ -236,6 +236,8 @@ def get_meta_rule(
             wrong ``meta_betas``.
         TypeError: ``meta_lr`` or ``eps`` is not a number.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"Invalid meta: {name!r}; expected a rule name")
     if name not in META_RULES:
         raise ValueError(f"Invalid meta: {name!r}; choose one of {sorted(META_RULES)}")
     rule_cls = META_RULES[name]

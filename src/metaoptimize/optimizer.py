@@ -150,8 +150,9 @@ class MetaOptimize(Optimizer):
             ``gamma`` for all groups).
 
     A step whose gradient or meta-gradient is not finite changes nothing (weights, step sizes,
-    any state) and is counted in :attr:`skipped_steps`; this is decided on the device, and
-    ``step()`` never synchronises with the host.
+    any state) and is counted in :attr:`skipped_steps`. On CUDA this is decided on the device
+    and ``step()`` never synchronises with the host; on CPU, where reading a value is not a
+    synchronisation, it is decided on the host and the kernels take Python scalars.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -200,21 +201,13 @@ class MetaOptimize(Optimizer):
         foreach: bool | None = None,
         fused_backend: str = "auto",
     ) -> None:
-        for name, value in (("base", base), ("meta", meta)):
-            if not isinstance(value, str):
-                raise TypeError(f"Invalid {name}: {value!r}; expected a rule name")
         self._base: BaseRule = get_base_rule(base)
         meta_rule = get_meta_rule(meta, meta_lr, meta_betas, meta_eps)
         self._learn_wd = check_bool(learn_weight_decay, "learn_weight_decay")
         wd_rule = _weight_decay_rule(meta_rule, weight_decay_meta_lr, learn_weight_decay, blocks)
         bounds = log_bounds(alpha_min, alpha_max, self._base.default_alpha_range)
-        if partition_group is not None and not isinstance(blocks, str):
-            raise ValueError(
-                "Invalid blocks: explicit blocks cannot be combined with "
-                "partition_group (each rank holds different parameters)"
-            )
         self._blocks_spec = blocks
-        self._sharding = Sharding(partition_group)
+        self._sharding = Sharding(partition_group, explicit_blocks=not isinstance(blocks, str))
         self._fused = check_bool(fused, "fused")
         self._fused_backend = _check_fused_backend(fused_backend)
         if foreach is not None and not isinstance(foreach, bool):

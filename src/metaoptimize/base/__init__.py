@@ -62,6 +62,8 @@ def get_base_rule(name: str) -> BaseRule:
     Raises:
         ValueError: ``name`` is not a known base rule.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"Invalid base: {name!r}; expected a rule name")
     if name not in BASE_RULES:
         raise ValueError(f"Invalid base: {name!r}; choose one of {sorted(BASE_RULES)}")
     return BASE_RULES[name]()
