@@ -31,6 +31,8 @@ def parameter_step(
     alpha: Tensor | float,
     with_trace: bool,
     decoupled: bool,
+    *,
+    weight_decay: Tensor | float | None = None,
 ) -> None:
     """Base step, trace update and weight step of one parameter, in place.
 
@@ -46,9 +48,13 @@ def parameter_step(
         alpha: effective step size ``lr * exp(β) * ok`` (0-d, parameter-shaped, or a float).
         with_trace: whether the meta rule is active (the trace exists).
         decoupled: whether weight decay is decoupled for this rule and group.
+        weight_decay: the learned weight decay ``κ`` of this parameter's block (a float with
+            host scalars, else 0-d); None takes the group's.
     """
     if isinstance(finite, Tensor):
         grad = torch.where(finite, grad, 0.0)
+    if weight_decay is not None:  # the rule reads κ from the group for its L2 term
+        group = {**group, "weight_decay": weight_decay}
     u, slope = rule.direction(param, grad, state, group, ok)
     # A direction that is neither the gradient nor a state tensor is a temporary of the rule:
     # the update is built in it rather than in a new allocation.

@@ -132,9 +132,6 @@ class KernelRunner:
             alpha = scalars.alpha_values[entry.block] * group["lr"]
         else:
             alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
-        decoupled = is_decoupled(self.base, group)
-        if scalars.kappa_values:
-            group = {**group, "weight_decay": scalars.kappa_values[entry.block]}
         parameter_step(
             self.base,
             entry.param,
@@ -145,34 +142,32 @@ class KernelRunner:
             1.0,
             alpha,
             scalars.meta_active,
-            decoupled,
+            is_decoupled(self.base, group),
+            weight_decay=scalars.kappa_values[entry.block] if scalars.kappa_values else None,
         )
 
     def _device_arguments(
         self, entry: Entry, scalars: StepScalars
-    ) -> tuple[dict[str, Any], Tensor, Tensor, Tensor]:
-        """The group (with a learned weight decay), skip flags and step size of one entry."""
-        grad, group = entry.grad, entry.group
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The skip flags and step size of one entry, as device tensors."""
+        grad = entry.grad
         finite_here, ok = scalars.flags(grad.device, grad.dtype)
-        scale = ok * group["lr"]
+        scale = ok * entry.group["lr"]
         if scalars.alpha_blocks is None:
             alpha = entry.state["log_alpha"].exp().mul_(scale)
         else:
             alpha = scalars.alpha_blocks[entry.block].to(grad.device, grad.dtype) * scale
-        if scalars.kappa_blocks is not None:
-            kappa = scalars.kappa_blocks[entry.block].to(grad.device, grad.dtype)
-            group = {**group, "weight_decay": kappa}
-        return group, finite_here, ok, alpha
+        return finite_here, ok, alpha
 
     def _parameter_step_arguments(self, entry: Entry, scalars: StepScalars) -> tuple[Any, ...]:
         """:func:`parameter_step`'s arguments for one entry, with device scalars."""
-        group, finite_here, ok, alpha = self._device_arguments(entry, scalars)
+        finite_here, ok, alpha = self._device_arguments(entry, scalars)
         return (
             self.base,
             entry.param,
             entry.grad,
             entry.state,
-            group,
+            entry.group,
             finite_here,
             ok,
             alpha,
@@ -181,19 +176,22 @@ class KernelRunner:
         )
 
     def _eager_entry(self, entry: Entry, scalars: StepScalars) -> None:
-        parameter_step(*self._parameter_step_arguments(entry, scalars))
+        kappa = None
+        if scalars.kappa_blocks is not None:  # the learned weight decay: eager kernels only
+            kappa = scalars.kappa_blocks[entry.block].to(entry.grad.device, entry.grad.dtype)
+        parameter_step(*self._parameter_step_arguments(entry, scalars), weight_decay=kappa)
 
     def _compiled_entry(self, entry: Entry, scalars: StepScalars) -> None:
         fused_parameter_step(self.compiled_step(), *self._parameter_step_arguments(entry, scalars))
 
     def _triton_entry(self, entry: Entry, scalars: StepScalars) -> None:
-        group, _, ok, alpha = self._device_arguments(entry, scalars)
+        _, ok, alpha = self._device_arguments(entry, scalars)
         triton_parameter_step(
             self.base.name,
             entry.param,
             entry.grad,
             entry.state,
-            group,
+            entry.group,
             ok,
             alpha,
             scalars.meta_active,
