@@ -48,6 +48,7 @@ def _compile_own_copy(function: Callable[..., None], **options: Any) -> Callable
     copy = types.FunctionType(
         code.replace(), function.__globals__, code.co_name, function.__defaults__
     )
+    copy.__kwdefaults__ = function.__kwdefaults__
     return cast(Callable[..., None], torch.compile(copy, fullgraph=True, dynamic=True, **options))
 
 
