@@ -36,10 +36,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metaoptimize._options import DEFAULT_GAMMA, DEFAULT_META, WRAP_ALPHA_RANGE, log_bounds
+from metaoptimize._types import Entry
 from metaoptimize._validation import check_range
 from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
+from metaoptimize.metagrad import meta_gradient
 from metaoptimize.metaparams import MetaParameter
 
 __all__ = ["MetaOptimizeWrapper", "reproduced_exactly", "wrap"]
@@ -253,19 +255,27 @@ class MetaOptimizeWrapper(Optimizer):
         return entries
 
     def _meta_gradient(self, entries: list[_Entry]) -> tuple[list[Tensor], Tensor | None]:
-        """``z`` (per parameter, or one block vector) and whether it is finite."""
-        if self.layout.per_weight:
-            z = [e.trace * e.grad for e in entries]
-            finite = torch.stack([torch.isfinite(v).all() for v in z]).all() if z else None
-            return z, finite
-        z_block = torch.zeros_like(self._step_sizes[0].values)
-        if entries:
-            index = torch.tensor([e.block for e in entries], device=z_block.device)
-            partials = torch.stack(
-                [torch.dot(e.trace.flatten(), e.grad.flatten()).to(z_block) for e in entries]
-            )
-            z_block.index_add_(0, index, partials)
-        return [z_block], torch.isfinite(z_block).all()
+        """``z`` (per parameter, or one block vector) and whether it is finite.
+
+        The same computation as MetaOptimize's (:func:`metaoptimize.metagrad.meta_gradient`).
+        """
+        if not entries:
+            return [], None
+        values = self._step_sizes[0].values
+        grads = meta_gradient(
+            [Entry(e.group, e.param, e.grad, {"trace": e.trace}, e.block, 1.0) for e in entries],
+            num_blocks=self.layout.num_blocks,
+            block_index=torch.tensor([e.block for e in entries], device=values.device),
+            per_weight=self.layout.per_weight,
+            meta_active=True,
+            learn_weight_decay=False,
+            home=values.device,
+            dtype=values.dtype,
+            reduce_group=None,
+            reduce_blocks=False,
+        )
+        assert isinstance(grads.finite, Tensor)  # decided on the device
+        return (grads.weight if grads.block is None else [grads.block]), grads.finite
 
     def _rescale(self, entry: _Entry, index: int, finite: Tensor, ok: Tensor) -> None:
         """Rescale the inner step of one parameter to the learned step size; update its trace."""
