@@ -54,8 +54,12 @@ def lean_slope(
     allocations, for the CPU path, where each large allocation and each comparison costs more
     than the arithmetic.
     """
-    ratio = torch.mul(a, b).mul_(c).div_(rms).div_(denom)
-    return ratio.nan_to_num_(0.0, 0.0, 0.0).neg_().add_(c1).div_(denom)
+    unit = isinstance(denom, float) and denom == 1.0  # dividing by 1.0 is a wasted pass
+    ratio = torch.mul(a, b).mul_(c).div_(rms)
+    if not unit:
+        ratio.div_(denom)
+    ratio.nan_to_num_(0.0, 0.0, 0.0).neg_().add_(c1)
+    return ratio if unit else ratio.div_(denom)
 
 
 def bias_correction(beta: float, step: Tensor, ok: Tensor | float) -> Tensor | float:
