@@ -375,8 +375,9 @@ def write_report(
             "best value of their grid and how many runs that grid cost; MetaOptimize rows are "
             "untuned (default alpha0); learning-rate-free baselines run at their defaults. "
             "Every optimizer runs the code path a user gets without flags: for MetaOptimize "
-            "on CPU, the per-tensor kernel with host scalars (docs/performance.md); ms/step is "
-            "the whole training step, on one thread per run."
+            "on CPU, host scalars and, for groups of 3 or more small tensors, the "
+            "multi-tensor kernel (docs/performance.md); ms/step is the whole training step, "
+            "on one thread per run."
         ),
         "",
     ]
