@@ -136,6 +136,9 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
     table["MetaOptimize(defaults, foreach)"] = lambda p: MetaOptimize(
         p, weight_decay=0.01, foreach=True
     )
+    table["MetaOptimize(defaults, weight)"] = lambda p: MetaOptimize(
+        p, weight_decay=0.01, blocks="weight"
+    )
     if device.type == "cpu":  # the sync-free path CUDA takes, forced on CPU for comparison
         table["MetaOptimize(defaults, device scalars)"] = lambda p: _device_scalars(
             MetaOptimize(p, weight_decay=0.01)

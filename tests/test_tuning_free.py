@@ -110,6 +110,47 @@ def test_auto_rule_float_form_equals_the_tensor_form(betas: tuple[float, float])
             torch.testing.assert_close(expected, value, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("betas", [(0.999, 1.0), (0.3, 0.9)])
+def test_auto_rule_multi_tensor_form_equals_the_tensor_form(betas: tuple[float, float]) -> None:
+    """The per-weight multi-tensor meta step is the tensor rule, guards included, in float64."""
+    rule = get_meta_rule("auto", 0.5, betas, 1e-8)
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,), (2, 2)]
+    beta = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    state = {k: [v.clone() for v in vs] for k, vs in _stacked_init(rule, beta).items()}
+    for step in range(30):
+        z = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+        z[0].view(-1)[step % 12] = 0.0  # no signal (and zero scale at first)
+        z[1] *= 10.0 ** (step % 9 - 4)
+        result = rule.foreach_update(beta, z, state)
+        assert result is not None
+        expected = [
+            rule.update(b, g, {k: v[i] for k, v in state.items()})
+            for i, (b, g) in enumerate(zip(beta, z, strict=True))
+        ]
+        for i, (new_beta, new_state) in enumerate(expected):
+            torch.testing.assert_close(result[0][i], new_beta, rtol=1e-15, atol=0)
+            for key, value in new_state.items():
+                torch.testing.assert_close(result[1][key][i], value, rtol=1e-15, atol=0)
+        beta, state = result
+    # ẑ² underflows to 0 while ẑ does not: the tensor form's where gives no step; so must this.
+    tiny_state = {
+        "scale": [torch.tensor([1e300], dtype=torch.float64)],
+        "sum_sq": [torch.zeros(1, dtype=torch.float64)],
+    }
+    z_small = [torch.tensor([1e130], dtype=torch.float64)]
+    start = [torch.zeros(1, dtype=torch.float64)]
+    result = rule.foreach_update(start, z_small, tiny_state)
+    assert result is not None
+    reference, _ = rule.update(start[0], z_small[0], {k: v[0] for k, v in tiny_state.items()})
+    assert result[0][0].item() == reference.item() == 0.0
+
+
+def _stacked_init(rule: Any, beta: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    states = [rule.init_state(b) for b in beta]
+    return {key: [s[key] for s in states] for key in states[0]}
+
+
 def test_auto_rule_climbs_fast_under_a_consistent_signal() -> None:
     betas = _run_rule([-1e-9] * 100)
     # Each step moves η/√t: the sum is at least 2η(√(t+1) − 1).

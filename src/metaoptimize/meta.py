@@ -64,6 +64,16 @@ class MetaRule:
         """
         return None
 
+    def foreach_update(
+        self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]] | None:
+        """:meth:`update` on lists of tensors (per-weight step sizes of many parameters).
+
+        One ``torch._foreach_*`` call per operation instead of one call per tensor; None: not
+        provided (the caller loops over :meth:`update`).
+        """
+        return None
+
 
 class Fixed(MetaRule):
     """No meta update: the step sizes stay at ``alpha0`` (times the group's ``lr``)."""
@@ -208,6 +218,32 @@ class Auto(MetaRule):
             new_scale.append(scale)
             new_sum.append(total)
         return new_beta, {"scale": new_scale, "sum_sq": new_sum}
+
+    def foreach_update(
+        self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        assert self.betas is not None
+        decay, keep = self.betas
+        tiny = _smallest_positive(zs[0].dtype)
+        sizes = torch._foreach_abs(zs)
+        scales = torch._foreach_lerp(states["scale"], sizes, 1.0 - decay)
+        torch._foreach_maximum_(scales, sizes)
+        # The guards of update() as exact arithmetic: s >= |z|, so s = 0 only where z = 0,
+        # and every positive s is >= tiny; likewise G >= ẑ², and sign(G) zeroes the step
+        # where G = 0 (as the where does, also when ẑ² underflowed).
+        z_hat = torch._foreach_div(zs, torch._foreach_clamp_min(scales, tiny))
+        sum_sq = torch._foreach_mul(states["sum_sq"], keep)
+        torch._foreach_addcmul_(sum_sq, z_hat, z_hat)
+        steps = torch._foreach_mul(z_hat, torch._foreach_sign(sum_sq))
+        torch._foreach_div_(steps, torch._foreach_sqrt(torch._foreach_clamp_min(sum_sq, tiny)))
+        new_betas = torch._foreach_add(betas, steps, alpha=-self.meta_lr)
+        return list(new_betas), {"scale": list(scales), "sum_sq": list(sum_sq)}
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    """The smallest positive (subnormal) number of ``dtype``: every positive value is >= it."""
+    info = torch.finfo(dtype)
+    return float(info.tiny) * float(info.eps)  # 2^(min exponent - mantissa bits)
 
 
 def _lerp(start: float, end: float, weight: float) -> float:

@@ -85,15 +85,29 @@ def meta_gradient(
             reduce_group if reduce_blocks else None,
             host,
         )
-    weight = [e.state["trace"] * e.grad for e in entries] if meta_active else []
-    checked = weight if meta_active else [e.grad for e in entries]
-    counts = [(~torch.isfinite(t)).sum().to(home) for t in checked]
-    nonfinite = torch.stack(counts).sum() if counts else torch.zeros((), device=home)
+    grads = [e.grad for e in entries]
+    weight = (
+        list(torch._foreach_mul([e.state["trace"] for e in entries], grads)) if meta_active else []
+    )
+    nonfinite = _nonfinite_count(weight if meta_active else grads, home)
     if reduce_group is not None:
         # Every rank must make the same skip decision: one scalar collective.
         nonfinite = nonfinite.to(dtype)
         dist.all_reduce(nonfinite, group=reduce_group)
     return MetaGradient(nonfinite == 0, None, weight)
+
+
+def _nonfinite_count(tensors: Sequence[Tensor], home: torch.device) -> Tensor:
+    """How many of ``tensors`` hold a NaN or an infinity, as a 0-d tensor on ``home``.
+
+    The largest magnitude of a tensor (one multi-tensor call for all of them) is finite
+    exactly when every element is: NaN propagates through the maximum, ±inf is the maximum.
+    """
+    tensors = [t for t in tensors if t.numel() > 0]  # no largest magnitude of nothing
+    if not tensors:
+        return torch.zeros((), device=home)
+    largest = torch._foreach_norm(tensors, math.inf)
+    return (~torch.isfinite(torch.stack([m.to(home) for m in largest]))).sum()
 
 
 def _partial(

@@ -457,7 +457,7 @@ class MetaOptimize(Optimizer):
             self._kernels.run(bucket, scalars)
 
         # 3. Meta steps on β = log α (after the weight step, as in the paper).
-        self._meta_steps(entries, grads)
+        self._meta_steps(entries, grads, host_scalars)
         return loss
 
     def _gather_entries(self) -> list[Entry]:
@@ -558,10 +558,10 @@ class MetaOptimize(Optimizer):
             compile_failed=self._kernels.compile_failed,
         )
 
-    def _meta_steps(self, entries: list[Entry], grads: MetaGradient) -> None:
+    def _meta_steps(self, entries: list[Entry], grads: MetaGradient, host: bool) -> None:
         """The meta steps of this step where it was finite; a skipped step is counted.
 
-        A verdict decided on the host (a Python bool) reaches here only for a finite step.
+        ``host``: the verdict was read on the host (CPU), so only a finite step gets here.
         """
         finite = grads.finite
         if self._step_size.rule.active and entries:
@@ -574,13 +574,15 @@ class MetaOptimize(Optimizer):
                     self._weight_decay.step(grads.block[n:], keep)
             else:  # per-weight step sizes live in each parameter's state
                 assert isinstance(finite, Tensor)  # decided on the device
-                rule, bounds = self._step_size.rule, self._step_size.bounds
-                for entry, z in zip(entries, grads.weight, strict=True):
-                    meta_state = _weight_meta_state(entry.state)
-                    log_alpha, keep_here = entry.state["log_alpha"], finite.to(z.device)
-                    self._kernels.weight_meta_step(
-                        rule, log_alpha, z, meta_state, keep_here, bounds, self._fused
-                    )
+                self._kernels.weight_meta_steps(
+                    self._step_size.rule,
+                    [entry.state["log_alpha"] for entry in entries],
+                    grads.weight,
+                    [_weight_meta_state(entry.state) for entry in entries],
+                    None if host else finite,
+                    self._step_size.bounds,
+                    self._fused,
+                )
         if isinstance(finite, Tensor):
             self._skipped.add_((~finite).to(torch.int64))
 
@@ -609,7 +611,7 @@ class MetaOptimize(Optimizer):
             entries, graph_grads, self._base, layout, self._step_size, active
         )
         del graph_grads  # frees the graph before the meta step
-        self._meta_steps(entries, grads)
+        self._meta_steps(entries, grads, host=False)
         return loss
 
     # ------------------------------------------------------------------ state dict

@@ -241,6 +241,36 @@ class KernelRunner:
             stacklevel=4,
         )
 
+    def weight_meta_steps(
+        self,
+        rule: MetaRule,
+        log_alphas: list[Tensor],
+        zs: list[Tensor],
+        states: list[dict[str, Tensor]],
+        finite: Tensor | None,
+        bounds: tuple[float, float],
+        fused: bool,
+    ) -> None:
+        """The meta steps of per-weight step sizes, in place.
+
+        One multi-tensor update when the rule has one and the tensors share a device and
+        dtype (not with ``fused``, which compiles each parameter's); else one per parameter.
+        ``finite=None``: the step is known to be finite (decided on the host).
+        """
+        places = {(t.device, t.dtype) for t in (*log_alphas, *zs)}
+        if not fused and len(places) == 1:
+            lists = {key: [state[key] for state in states] for key in states[0]}
+            result = rule.foreach_update(log_alphas, zs, lists)
+            if result is not None:
+                _write_weight_meta_step(log_alphas, lists, result, finite, bounds)
+                return
+        for log_alpha, z, state in zip(log_alphas, zs, states, strict=True):
+            if finite is None:  # the compiled meta step takes the flag as a tensor
+                keep = torch.ones((), dtype=torch.bool, device=z.device)
+            else:
+                keep = finite.to(z.device)
+            self.weight_meta_step(rule, log_alpha, z, state, keep, bounds, fused)
+
     def weight_meta_step(
         self,
         rule: MetaRule,
@@ -267,3 +297,27 @@ class KernelRunner:
             except Exception as error:  # noqa: BLE001 - compilation failed; nothing ran
                 self.compile_failure(error)
         meta_step(rule, log_alpha, z, meta_state, keep, low, high)
+
+
+def _write_weight_meta_step(
+    log_alphas: list[Tensor],
+    states: dict[str, list[Tensor]],
+    result: tuple[list[Tensor], dict[str, list[Tensor]]],
+    finite: Tensor | None,
+    bounds: tuple[float, float],
+) -> None:
+    """Clamp the new log step sizes and write them and the meta state where the step counts."""
+    new_betas, new_states = result
+    low, high = bounds
+    if low > float("-inf"):
+        torch._foreach_clamp_min_(new_betas, low)
+    if high < float("inf"):
+        torch._foreach_clamp_max_(new_betas, high)
+    pairs = [(log_alphas, new_betas), *((states[key], new_states[key]) for key in new_states)]
+    for old, new in pairs:
+        if finite is None:
+            torch._foreach_copy_(old, new)
+            continue
+        keep = finite.to(old[0].device)
+        for target, value in zip(old, new, strict=True):
+            target.copy_(torch.where(keep, value, target))
