@@ -65,9 +65,14 @@ def lean_slope(
 def bias_correction(beta: float, step: Tensor, ok: Tensor | float) -> Tensor | float:
     """``1 - β^t``: a Python float with host scalars (``ok`` a float), else a 0-d tensor."""
     if isinstance(ok, float):
-        return 1.0 - beta ** max(step.item(), 1.0)
+        return _host_bias_correction(beta, step.item())
     # step is clamped to 1 so a step skipped before any real step never divides by zero.
     return 1.0 - torch.pow(beta, step.clamp_min(1.0))
+
+
+def _host_bias_correction(beta: float, step: float) -> float:
+    """``1 - β^max(t, 1)`` on a step count read on the host."""
+    return 1.0 - float(beta ** max(step, 1.0))
 
 
 def sqrt_scalar(value: Tensor | float) -> Tensor | float:
@@ -129,10 +134,10 @@ def foreach_ema_square_(averages: TensorList, inputs: TensorList, weight: Tensor
 
 
 def foreach_add_(tensors: TensorList, value: Tensor | float) -> None:
-    """``t += value`` for a 0-d tensor ``value``.
+    """``t += value`` for a 0-d tensor or a float ``value``.
 
     With a list of 0-d tensors, ``_foreach_add_(list, value)`` takes the Scalar overload (a host
-    read), so ``value`` goes in as a list.
+    read), so a tensor ``value`` goes in as a list.
     """
     if isinstance(value, float):
         torch._foreach_add_(tensors, value)
@@ -151,7 +156,7 @@ def step_counts(steps: TensorList, ok: Tensor | float) -> Scalars:
 def foreach_bias_corrections(beta: float, counts: Scalars) -> Scalars:
     """``1 - β^max(t, 1)`` per tensor (as :func:`bias_correction`), floats for float counts."""
     if counts and isinstance(counts[0], float):
-        return [1.0 - beta ** max(float(t), 1.0) for t in counts]
+        return [_host_bias_correction(beta, float(t)) for t in counts]
     powers = torch._foreach_pow(beta, torch._foreach_clamp_min(counts, 1.0))  # type: ignore[arg-type]
     return torch._foreach_add(torch._foreach_neg(powers), 1.0)
 
@@ -164,10 +169,7 @@ def foreach_sqrt_scalars(values: Scalars) -> Scalars:
 
 def foreach_safe_div(numerators: TensorList, denominators: TensorList) -> TensorList:
     """Elementwise ``n / d`` with 0 where ``d`` is 0 (as :func:`safe_div`)."""
-    return [
-        torch.where(d > 0, n / d.clamp_min(1e-300), 0.0)
-        for n, d in zip(numerators, denominators, strict=True)
-    ]
+    return [safe_div(n, d) for n, d in zip(numerators, denominators, strict=True)]
 
 
 class BaseRule:
