@@ -99,9 +99,23 @@ class MetaParameter:
 
 
 def block_start_values(
-    layout: BlockLayout, param_groups: list[dict[str, Any]], key: str, advice: str = ""
+    layout: BlockLayout,
+    param_groups: list[dict[str, Any]],
+    key: str,
+    advice: str = "",
+    *,
+    arg: str | None = None,
+    label: str | None = None,
 ) -> dict[int, float]:
     """The starting value of every block: its param groups' ``group[key]``, which must agree.
+
+    Args:
+        layout: the block layout of ``param_groups``.
+        param_groups: the param groups.
+        key: the group entry the blocks start from.
+        advice: appended to the error message.
+        arg: the argument the error names (default ``key``).
+        label: what the error calls the values (default ``key``).
 
     Raises:
         ValueError: a block spans param groups with different values of ``key``.
@@ -112,8 +126,8 @@ def block_start_values(
         seen = start.setdefault(block, group[key])
         if seen != group[key]:
             raise ValueError(
-                f"Invalid {key}: block {layout.names[block]!r} spans param groups with "
-                f"different {key} ({seen} and {group[key]}){advice}"
+                f"Invalid {arg or key}: block {layout.names[block]!r} spans param groups with "
+                f"different {label or key} ({seen:g} and {group[key]:g}){advice}"
             )
     if layout.mode == "group":  # an empty group still has its block
         for index, group in enumerate(param_groups):

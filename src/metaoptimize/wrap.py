@@ -42,7 +42,7 @@ from metaoptimize.base import adam_l2_slope, rmsprop_l2_slope
 from metaoptimize.blocks import BlockLayout, BlocksSpec, build_layout
 from metaoptimize.meta import MetaRule, get_meta_rule
 from metaoptimize.metagrad import meta_gradient
-from metaoptimize.metaparams import MetaParameter
+from metaoptimize.metaparams import MetaParameter, block_start_values
 
 __all__ = ["MetaOptimizeWrapper", "reproduced_exactly", "wrap"]
 
@@ -186,21 +186,16 @@ class MetaOptimizeWrapper(Optimizer):
                 torch.full_like(p, math.log(a), dtype=_meta_dtype(p))
                 for p, a in zip(self._params(), alpha0, strict=True)
             ]
-        values: list[float | None] = [None] * self.layout.num_blocks
-        for block, a in zip(self.layout.block_of_param, alpha0, strict=True):
-            seen = values[block]
-            if seen is not None and seen != math.log(a):
-                raise ValueError(
-                    f"Invalid blocks: block {self.layout.names[block]!r} spans param groups "
-                    f"with different lr ({math.exp(seen):g} and {a:g}); one step size "
-                    "cannot start at both: use blocks='group' or 'tensor'"
-                )
-            values[block] = math.log(a)
-        if self.layout.mode == "group":  # an empty group still has its block
-            for index, group in enumerate(self.param_groups):
-                if values[index] is None:
-                    values[index] = math.log(group["metaoptimize_alpha0"])
-        start = [0.0 if v is None else v for v in values]  # every other block has a param
+        alpha0_of_block = block_start_values(
+            self.layout,
+            self.param_groups,
+            "metaoptimize_alpha0",
+            "; one step size cannot start at both: use blocks='group' or 'tensor'",
+            arg="blocks",
+            label="lr",
+        )
+        # A block without a parameter (none in practice) starts at α = 1, as before.
+        start = [math.log(alpha0_of_block.get(b, 1.0)) for b in range(self.layout.num_blocks)]
         return [torch.tensor(start, dtype=_meta_dtype(first), device=first.device)]
 
     def _params(self) -> list[Tensor]:
