@@ -71,8 +71,8 @@ def meta_gradient(
         reduce_blocks: whether the block meta-gradient is all-reduced (False where each rank's
             blocks are its own, as with ZeRO and tensor blocks; the verdict is then the
             rank's own, as its blocks are).
-        host: decide the verdict of block meta-gradients on the host (reading a CPU tensor
-            is not a synchronisation, and a handful of floats is cheaper to check there).
+        host: decide the verdict on the host, as a Python bool (reading a CPU tensor is not
+            a synchronisation, and a handful of floats is cheaper to check there).
     """
     if meta_active and not per_weight:
         return _block_meta_gradient(
@@ -94,6 +94,8 @@ def meta_gradient(
         # Every rank must make the same skip decision: one scalar collective.
         nonfinite = nonfinite.to(dtype)
         dist.all_reduce(nonfinite, group=reduce_group)
+    if host:
+        return MetaGradient(int(nonfinite) == 0, None, weight)
     return MetaGradient(nonfinite == 0, None, weight)
 
 

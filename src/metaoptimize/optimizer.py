@@ -440,7 +440,8 @@ class MetaOptimize(Optimizer):
         host_scalars = self._home.type == "cpu" and not self._device_scalars
 
         # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
-        grads = self._meta_gradient(entries, reduce_group, host_scalars)
+        blocks = tuple(e.block for e in entries)
+        grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars)
         if host_scalars and not bool(grads.finite):
             self._skipped.add_(1)
             return loss
@@ -457,7 +458,7 @@ class MetaOptimize(Optimizer):
             self._kernels.run(bucket, scalars)
 
         # 3. Meta steps on β = log α (after the weight step, as in the paper).
-        self._meta_steps(entries, grads, host_scalars)
+        self._meta_steps(entries, blocks, grads)
         return loss
 
     def _gather_entries(self) -> list[Entry]:
@@ -524,9 +525,11 @@ class MetaOptimize(Optimizer):
             self._index_cache[blocks] = cached
         return cached
 
-    def _meta_gradient(self, entries: list[Entry], reduce_group: Any, host: bool) -> MetaGradient:
+    def _meta_gradient(
+        self, entries: list[Entry], blocks: tuple[int, ...], reduce_group: Any, host: bool
+    ) -> MetaGradient:
         layout = self.layout
-        block_index = self._block_indices(tuple(e.block for e in entries))[0] if entries else None
+        block_index = self._block_indices(blocks)[0] if entries else None
         return meta_gradient(
             entries,
             num_blocks=len(self._step_size),
@@ -558,28 +561,29 @@ class MetaOptimize(Optimizer):
             compile_failed=self._kernels.compile_failed,
         )
 
-    def _meta_steps(self, entries: list[Entry], grads: MetaGradient, host: bool) -> None:
+    def _meta_steps(
+        self, entries: list[Entry], blocks: tuple[int, ...], grads: MetaGradient
+    ) -> None:
         """The meta steps of this step where it was finite; a skipped step is counted.
 
-        ``host``: the verdict was read on the host (CPU), so only a finite step gets here.
+        A verdict read on the host (a Python bool, on CPU) reaches here only for a finite step.
         """
         finite = grads.finite
         if self._step_size.rule.active and entries:
             if grads.block is not None:
-                _, active, all_active = self._block_info(tuple(e.block for e in entries))
+                _, active, all_active = self._block_info(blocks)
                 keep = _keep(active, finite, all_active)
                 n = len(self._step_size)
                 self._step_size.step(grads.block[:n], keep)
                 if self._learn_wd:
                     self._weight_decay.step(grads.block[n:], keep)
             else:  # per-weight step sizes live in each parameter's state
-                assert isinstance(finite, Tensor)  # decided on the device
                 self._kernels.weight_meta_steps(
                     self._step_size.rule,
                     [entry.state["log_alpha"] for entry in entries],
                     grads.weight,
                     [_weight_meta_state(entry.state) for entry in entries],
-                    None if host else finite,
+                    finite if isinstance(finite, Tensor) else None,
                     self._step_size.bounds,
                     self._fused,
                 )
@@ -602,16 +606,15 @@ class MetaOptimize(Optimizer):
         if not entries:
             return loss
         layout = self.layout
-        active = (
-            None if layout.per_weight else self._block_indices(tuple(e.block for e in entries))[1]
-        )
+        blocks = tuple(e.block for e in entries)
+        active = None if layout.per_weight else self._block_indices(blocks)[1]
         graph_grads = [graph_grad_of.pop(id(e.param)) for e in entries]
         del graph_grad_of
         grads = self._hessian.step(
             entries, graph_grads, self._base, layout, self._step_size, active
         )
         del graph_grads  # frees the graph before the meta step
-        self._meta_steps(entries, grads, host=False)
+        self._meta_steps(entries, blocks, grads)
         return loss
 
     # ------------------------------------------------------------------ state dict
