@@ -79,3 +79,31 @@ def test_device_scalar_path_equals_the_host_scalar_path(case: Case) -> None:
             flat_step_sizes(host), flat_step_sizes(device), rtol=1e-12, atol=1e-15
         )
     assert host.skipped_step_count == device.skipped_step_count == 1
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "tensor"])
+def test_host_and_device_scalar_paths_agree_in_float32(blocks: str) -> None:
+    """In float32 the host path rounds its double-precision block sums, step sizes and meta
+    state to float32 as the tensor path stores them: the two stay within float32 rounding,
+    over enough steps for a rounding mismatch to compound."""
+    torch.manual_seed(3)
+    host_model = TinyNet().float()
+    device_model = clone_model(host_model)
+    host = MetaOptimize(host_model.parameters(), blocks=blocks, meta_lr=0.05)
+    device = MetaOptimize(device_model.parameters(), blocks=blocks, meta_lr=0.05)
+    device._device_scalars = True
+    for batch in batches(40):
+        batch = (batch[0].float(), batch[1].float())
+        for model, opt in ((host_model, host), (device_model, device)):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            opt.step()
+    for p_host, p_device in zip(host_model.parameters(), device_model.parameters(), strict=True):
+        torch.testing.assert_close(p_host, p_device, rtol=1e-4, atol=1e-6)
+    host_sizes, device_sizes = flat_step_sizes(host), flat_step_sizes(device)
+    assert (host_sizes - 0.02).abs().max() > 1e-3  # the step sizes moved
+    torch.testing.assert_close(host_sizes, device_sizes, rtol=1e-4, atol=0.0)
+    # The floats the host path steps from are exactly the stored float32 values.
+    values, state = host._step_size._floats()
+    assert values == host._step_size.values.tolist()
+    assert state == {key: value.tolist() for key, value in host._step_size.state.items()}

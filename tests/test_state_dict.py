@@ -170,3 +170,34 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def test_loading_into_a_stepped_optimizer_continues_like_loading_into_a_fresh_one() -> None:
+    """The CPU meta step keeps its values as Python floats between steps; a load must
+    replace them (the floats follow every in-place write to the tensors)."""
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(3)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(6)]
+    kwargs = {"blocks": "tensor", "meta_lr": 0.05}
+    first = [w.clone().requires_grad_() for w in start]
+    source = MetaOptimize(first, **kwargs)
+    _run(source, first, grads[:2])
+    saved = copy.deepcopy(source.state_dict())
+    loaded_weights = [w.detach().clone() for w in first]
+
+    stepped_weights = [w.clone().requires_grad_() for w in start]
+    stepped = MetaOptimize(stepped_weights, **kwargs)
+    _run(stepped, stepped_weights, grads[2:5])  # its float copies are current
+    with torch.no_grad():
+        for w, value in zip(stepped_weights, loaded_weights, strict=True):
+            w.copy_(value)
+    stepped.load_state_dict(copy.deepcopy(saved))
+    fresh_weights = [w.clone().requires_grad_() for w in loaded_weights]
+    fresh = MetaOptimize(fresh_weights, **kwargs)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    _run(stepped, stepped_weights, grads[5:])
+    _run(fresh, fresh_weights, grads[5:])
+    for mine, theirs in zip(stepped_weights, fresh_weights, strict=True):
+        assert torch.equal(mine, theirs)
+    for name, alpha in stepped.step_sizes().items():
+        assert torch.equal(alpha, fresh.step_sizes()[name])

@@ -9,6 +9,7 @@ too, and so is the derivative of the step in that direction (docs/math.md §13).
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Iterator
 
 import torch
@@ -66,3 +67,16 @@ def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     costs a dispatch, which on small tensors is a measurable share of the step.
     """
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def round_floats(values: list[float], dtype: torch.dtype) -> list[float]:
+    """``values`` rounded to ``dtype``, as storing them in a tensor of it would round them.
+
+    Host-side arithmetic runs in double precision; rounding its results keeps them equal to
+    what the tensor form computes and stores (a value past ``dtype``'s range becomes inf).
+    """
+    if dtype == torch.float64:
+        return values
+    if dtype == torch.float32:
+        return array("f", values).tolist()  # C rounding, no tensor built
+    return torch.tensor(values, dtype=dtype).tolist()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from metaoptimize._math import as_dtype
+from metaoptimize._math import as_dtype, round_floats
 from metaoptimize._types import Entry
 
 __all__ = ["MetaGradient", "meta_gradient"]
@@ -32,12 +32,14 @@ class MetaGradient:
         finite: False when the step must be skipped: a 0-d bool on the home device, or a
             Python bool where it was decided on the host (CPU block meta-gradients).
         block: per block, the step sizes' ``z`` followed (with a learned weight decay) by the
-            weight decays' ``z``; None with per-weight step sizes or no active meta rule.
+            weight decays' ``z``: a tensor on the home device, or Python floats (rounded to
+            the step sizes' dtype) where the verdict was decided on the host; None with
+            per-weight step sizes or no active meta rule.
         weight: per entry, ``h ⊙ g`` (per-weight step sizes with an active meta rule).
     """
 
     finite: Tensor | bool
-    block: Tensor | None = None
+    block: Tensor | list[float] | None = None
     weight: list[Tensor] = field(default_factory=list)
 
 
@@ -134,6 +136,8 @@ def _block_meta_gradient(
     host: bool,
 ) -> MetaGradient:
     traces = ("trace", "wd_trace") if learn_weight_decay else ("trace",)
+    if host and block_group is None and entries:
+        return _host_block_meta_gradient(entries, num_blocks, traces, dtype)
     z = torch.zeros(len(traces) * num_blocks, dtype=dtype, device=home)
     partials = [
         _partial(e.state[key], e.grad, e.share, home, dtype) for key in traces for e in entries
@@ -149,3 +153,25 @@ def _block_meta_gradient(
     if host:
         return MetaGradient(all(map(math.isfinite, z.tolist())), z)
     return MetaGradient((~torch.isfinite(z)).sum() == 0, z)
+
+
+def _host_block_meta_gradient(
+    entries: Sequence[Entry], num_blocks: int, traces: tuple[str, ...], dtype: torch.dtype
+) -> MetaGradient:
+    """:func:`_block_meta_gradient` summed on the host: one read of the dots, no scatter.
+
+    The block sums are rounded to ``dtype`` as the tensor form stores them, so the verdict and
+    the meta step see the values the device path would (a sum past ``dtype``'s range is inf).
+    """
+    dots = [
+        torch.dot(as_dtype(e.state[key], e.grad.dtype).flatten(), e.grad.flatten())
+        for key in traces
+        for e in entries
+    ]
+    values = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
+    z = [0.0] * (len(traces) * num_blocks)
+    for index, value in enumerate(values):
+        row, entry = divmod(index, len(entries))
+        z[row * num_blocks + entries[entry].block] += value * entries[entry].share
+    z = round_floats(z, dtype)
+    return MetaGradient(all(map(math.isfinite, z)), z)

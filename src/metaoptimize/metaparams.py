@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from metaoptimize._kernels.eager import meta_step
+from metaoptimize._math import round_floats
 from metaoptimize.blocks import BlockLayout
 from metaoptimize.meta import MetaRule
 
@@ -40,6 +41,9 @@ class MetaParameter:
         self.bounds = bounds
         self.values = initial
         self.state: dict[str, Tensor] = rule.init_state(initial)
+        # Python floats of values and state for the CPU meta step (see _floats).
+        self._mirror: tuple[list[float], dict[str, list[float]]] | None = None
+        self._mirror_versions: list[tuple[Tensor, int]] = []
 
     def __len__(self) -> int:
         return self.values.numel()
@@ -57,34 +61,67 @@ class MetaParameter:
         self.values = torch.cat([self.values, extra])
         self.state = {key: torch.cat([self.state[key], fresh[key]]) for key in fresh}
 
-    def step(self, z: Tensor, keep: Tensor | None) -> None:
+    def step(self, z: Tensor | list[float], keep: Tensor | None) -> None:
         """One meta step with meta-gradient ``z`` where ``keep`` holds.
 
         ``keep=None``: every block steps, as decided on the host (a finite CPU step); a few
-        blocks then take the rule's float form when it has one.
+        blocks then take the rule's float form when it has one. ``z`` as Python floats comes
+        from a verdict read on the host.
         """
-        if keep is None and len(self) <= HOST_META_MAX_BLOCKS and self._host_step(z):
+        host = keep is None and len(self) <= HOST_META_MAX_BLOCKS
+        if host and self._host_step(z if isinstance(z, list) else z.tolist()):
             return
+        values = self.values
+        z = torch.tensor(z, dtype=values.dtype, device=values.device) if isinstance(z, list) else z
         low, high = self.bounds
-        meta_step(self.rule, self.values, z.to(self.values.dtype), self.state, keep, low, high)
+        meta_step(self.rule, values, z.to(values.dtype), self.state, keep, low, high)
 
-    def _host_step(self, z: Tensor) -> bool:
+    def host_exp(self) -> list[float]:
+        """:meth:`exp` as Python floats in the values' precision (CPU; read once per change)."""
+        return round_floats([math.exp(v) for v in self._floats()[0]], self.values.dtype)
+
+    def _floats(self) -> tuple[list[float], dict[str, list[float]]]:
+        """The values and the meta state as floats, from the mirror while it is current.
+
+        The mirror is current while every tensor is the one it was read from, unmodified
+        since (``_version`` counts in-place writes, from anyone: ``load_state_dict``, a test).
+        """
+        tensors = (self.values, *self.state.values())
+        if self._mirror is None or any(
+            t is not seen or t._version != version
+            for t, (seen, version) in zip(tensors, self._mirror_versions, strict=True)
+        ):
+            self._mirror = (
+                self.values.tolist(),
+                {key: value.tolist() for key, value in self.state.items()},
+            )
+            self._mirror_versions = [(t, t._version) for t in tensors]
+        return self._mirror
+
+    def _host_step(self, z: list[float]) -> bool:
         """The meta step on Python floats (CPU); False when the rule has no float form."""
-        state = {key: value.tolist() for key, value in self.state.items()}
-        result = self.rule.update_floats(self.values.tolist(), z.tolist(), state)
+        values, state = self._floats()
+        result = self.rule.update_floats(values, z, state)
         if result is None:
             return False
         new_values, new_state = result
         low, high = self.bounds
-        rows = [[min(max(v, low), high) for v in new_values], *new_state.values()]
-        targets = [self.values, *(self.state[key] for key in new_state)]
+        dtype = self.values.dtype
+        rows = [
+            round_floats([min(max(v, low), high) for v in new_values], dtype),
+            *(round_floats(new_state[key], dtype) for key in self.state),
+        ]
+        targets = [self.values, *self.state.values()]
         if len(self) == 1:  # fill_ takes the float directly: no tensor to build
             for target, row in zip(targets, rows, strict=True):
                 target.fill_(row[0])
-            return True
-        written = torch.tensor(rows, dtype=self.values.dtype)
-        for target, row_values in zip(targets, written, strict=True):
-            target.copy_(row_values)
+        else:
+            written = torch.tensor(rows, dtype=dtype)
+            for target, row_values in zip(targets, written, strict=True):
+                target.copy_(row_values)
+        # The floats just written are the tensors' values: the mirror stays current.
+        self._mirror = (rows[0], dict(zip(self.state, rows[1:], strict=True)))
+        self._mirror_versions = [(t, t._version) for t in targets]
         return True
 
     def saved(self) -> tuple[Tensor, dict[str, Tensor]]:

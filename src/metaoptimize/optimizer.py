@@ -255,6 +255,7 @@ class MetaOptimize(Optimizer):
         self._weight_decay = MetaParameter(wd_rule, UNBOUNDED, no_blocks.clone())
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor, bool]] = {}
+        self._options_cache: dict[tuple[bool, bool, bool], KernelOptions] = {}
         self._kernels = KernelRunner(self._base, self._block_indices)
         self._grow_blocks()
 
@@ -451,8 +452,8 @@ class MetaOptimize(Optimizer):
             finite=grads.finite,
             host=host_scalars,
             meta_active=self._step_size.rule.active,
-            alpha_blocks=None if self.layout.per_weight else self._step_size.exp(),
-            kappa_blocks=self._weight_decay.exp() if self._learn_wd else None,
+            step_sizes=None if self.layout.per_weight else self._step_size,
+            weight_decays=self._weight_decay if self._learn_wd else None,
         )
         for bucket in plan_kernels(entries, self._kernel_options(host_scalars), self._decoupled):
             self._kernels.run(bucket, scalars)
@@ -463,27 +464,34 @@ class MetaOptimize(Optimizer):
 
     def _gather_entries(self) -> list[Entry]:
         """Parameters with a gradient, as local tensors (DTensor shards are viewed locally)."""
-        layout = self.layout
+        block_of_param = self.layout.block_of_param
         entries: list[Entry] = []
         position = 0
         mesh = self._sharding.mesh(self.param_groups)
+        needs_trace = self._step_size.rule.active
         for group in self.param_groups:
             for p in group["params"]:
-                block = layout.block_of_param[position]
+                block = block_of_param[position]
                 position += 1
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("MetaOptimize does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, group, state)
-                elif self._step_size.rule.active and "trace" not in state:
+                elif needs_trace and "trace" not in state:
                     # Loaded from a run whose meta rule was off: start the trace at zero.
                     state["trace"] = self._new_trace(p)
-                if mesh is not None:  # DTensor state is viewed as this rank's shard
-                    state = {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
-                grad = as_dtype(local(p.grad), state_dtype(p))
+                if mesh is None:
+                    entries.append(
+                        Entry(group, p, as_dtype(grad, state_dtype(p)), state, block, 1.0)
+                    )
+                    continue
+                # DTensor state is viewed as this rank's shard
+                state = {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+                grad = as_dtype(local(grad), state_dtype(p))
                 share = self._sharding.share(p, mesh)
                 entries.append(Entry(group, local(p), grad, state, block, share))
         return entries
@@ -549,17 +557,23 @@ class MetaOptimize(Optimizer):
         return is_decoupled(self._base, group)
 
     def _kernel_options(self, host_scalars: bool) -> KernelOptions:
-        return KernelOptions(
-            base=self._base.name,
-            foreach=self._foreach,
-            fused=self._fused,
-            fused_backend=self._fused_backend,
-            host_scalars=host_scalars,
-            learned_weight_decay=self._learn_wd,
-            per_weight=self.layout.per_weight,
-            triton_failed=self._kernels.triton_failed,
-            compile_failed=self._kernels.compile_failed,
-        )
+        """The kernel options of this step (built once per combination of what can change)."""
+        key = (host_scalars, self._kernels.triton_failed, self._kernels.compile_failed)
+        options = self._options_cache.get(key)
+        if options is None:
+            options = KernelOptions(
+                base=self._base.name,
+                foreach=self._foreach,
+                fused=self._fused,
+                fused_backend=self._fused_backend,
+                host_scalars=host_scalars,
+                learned_weight_decay=self._learn_wd,
+                per_weight=self.layout.per_weight,
+                triton_failed=key[1],
+                compile_failed=key[2],
+            )
+            self._options_cache[key] = options
+        return options
 
     def _meta_steps(
         self, entries: list[Entry], blocks: tuple[int, ...], grads: MetaGradient

@@ -270,7 +270,10 @@ class MetaOptimizeWrapper(Optimizer):
             reduce_blocks=False,
         )
         assert isinstance(grads.finite, Tensor)  # decided on the device
-        return (grads.weight if grads.block is None else [grads.block]), grads.finite
+        if grads.block is None:
+            return grads.weight, grads.finite
+        assert isinstance(grads.block, Tensor)  # summed on the device
+        return [grads.block], grads.finite
 
     def _rescale(self, entry: _Entry, index: int, finite: Tensor, ok: Tensor) -> None:
         """Rescale the inner step of one parameter to the learned step size; update its trace."""

@@ -69,24 +69,25 @@ def parameter_step(
     if with_trace:
         trace = state["trace"]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
+        decay: Tensor | float = gamma  # the factor on the old trace
         if has_decay(kappa):
             # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
             slope_w = 1.0 if decoupled else cast(Tensor, slope)
             scalars = not any(isinstance(v, Tensor) for v in (alpha, kappa, gamma))
             if scalars and isinstance(slope_w, Tensor) and "wd_trace" not in state:
                 # Host scalars: γ(1 - α κ s) built in the rule's slope temporary.
-                trace.mul_(slope_w.mul_(-alpha * kappa * gamma).add_(gamma))
+                decay = slope_w.mul_(-alpha * kappa * gamma).add_(gamma)
             else:
-                decay = 1.0 - alpha * kappa * slope_w
+                decay = gamma * (1.0 - alpha * kappa * slope_w)
                 if "wd_trace" in state:
                     # Trace of the log weight decay θ: ∂w_{t+1}/∂θ_t = -α κ s w (math.md §12).
-                    state["wd_trace"].mul_(gamma * decay).add_(
+                    state["wd_trace"].mul_(decay).add_(
                         -(alpha * kappa) * slope_w * as_dtype(param, trace.dtype)
                     )
-                trace.mul_(gamma * decay)
+        if isinstance(decay, float):
+            torch.add(delta, trace, alpha=decay, out=trace)  # h ← decay h + Δ in one call
         else:
-            trace.mul_(gamma)
-        trace.add_(delta)
+            trace.mul_(decay).add_(delta)
     if "kahan_comp" in state:
         # Kahan-compensated update of low-precision weights: the part of the update that
         # rounding to the parameter's dtype loses is carried to the next step.

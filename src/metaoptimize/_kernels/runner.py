@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,26 +30,51 @@ from metaoptimize._types import Entry
 from metaoptimize.base import BaseRule, Scalars, is_decoupled
 from metaoptimize.meta import MetaRule
 
+if TYPE_CHECKING:
+    from metaoptimize.metaparams import MetaParameter
+
 __all__ = ["KernelRunner", "StepScalars"]
 
 
 class StepScalars:
-    """The per-step values every kernel call of a step shares."""
+    """The per-step values every kernel call of a step shares, each read once.
+
+    Args:
+        finite: the step's verdict (a Python bool where it was decided on the host).
+        host: the kernels take Python scalars (CPU).
+        meta_active: whether the meta rule is active (the traces exist).
+        step_sizes: the block step sizes; None with per-weight step sizes.
+        weight_decays: the learned weight decays, or None.
+    """
 
     def __init__(
         self,
         finite: Tensor | bool,
         host: bool,
         meta_active: bool,
-        alpha_blocks: Tensor | None,
-        kappa_blocks: Tensor | None,
+        step_sizes: MetaParameter | None,
+        weight_decays: MetaParameter | None,
     ) -> None:
         self.finite, self.host, self.meta_active = finite, host, meta_active
-        self.alpha_blocks, self.kappa_blocks = alpha_blocks, kappa_blocks
-        # Host scalars: the block step sizes and weight decays as Python floats, read once.
-        self.alpha_values = alpha_blocks.tolist() if host and alpha_blocks is not None else []
-        self.kappa_values = kappa_blocks.tolist() if host and kappa_blocks is not None else []
+        self.per_weight = step_sizes is None
+        self.learned_weight_decay = weight_decays is not None
+        self._step_sizes, self._weight_decays = step_sizes, weight_decays
+        # Host scalars: the block step sizes and weight decays as Python floats.
+        self.alpha_values = step_sizes.host_exp() if host and step_sizes is not None else []
+        self.kappa_values = weight_decays.host_exp() if host and weight_decays is not None else []
         self._flags: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    @cached_property
+    def alpha_blocks(self) -> Tensor:
+        """The block step sizes as a tensor on the home device (device scalars)."""
+        assert self._step_sizes is not None
+        return self._step_sizes.exp()
+
+    @cached_property
+    def kappa_blocks(self) -> Tensor:
+        """The learned block weight decays as a tensor on the home device (device scalars)."""
+        assert self._weight_decays is not None
+        return self._weight_decays.exp()
 
     def flags(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The skip verdict on ``device`` as a bool and as 0.0/1.0 in ``dtype`` (cached)."""
@@ -94,7 +120,7 @@ class KernelRunner:
             if kernel == COMPILED:
                 if self._ran(self._compiled_entry, entry, scalars, "compile"):
                     continue
-                kernel = EAGER
+                kernel = HOST if scalars.host else EAGER
             if kernel == HOST:
                 self._host_entry(entry, scalars)
             else:
@@ -128,7 +154,7 @@ class KernelRunner:
         """:func:`parameter_step` of one CPU parameter with Python scalars (a finite step)."""
         group = entry.group
         alpha: Tensor | float
-        if scalars.alpha_values:
+        if not scalars.per_weight:
             alpha = scalars.alpha_values[entry.block] * group["lr"]
         else:
             alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
@@ -143,7 +169,9 @@ class KernelRunner:
             alpha,
             scalars.meta_active,
             is_decoupled(self.base, group),
-            weight_decay=scalars.kappa_values[entry.block] if scalars.kappa_values else None,
+            weight_decay=(
+                scalars.kappa_values[entry.block] if scalars.learned_weight_decay else None
+            ),
         )
 
     def _device_arguments(
@@ -153,7 +181,7 @@ class KernelRunner:
         grad = entry.grad
         finite_here, ok = scalars.flags(grad.device, grad.dtype)
         scale = ok * entry.group["lr"]
-        if scalars.alpha_blocks is None:
+        if scalars.per_weight:
             alpha = entry.state["log_alpha"].exp().mul_(scale)
         else:
             alpha = scalars.alpha_blocks[entry.block].to(grad.device, grad.dtype) * scale
@@ -177,7 +205,7 @@ class KernelRunner:
 
     def _eager_entry(self, entry: Entry, scalars: StepScalars) -> None:
         kappa = None
-        if scalars.kappa_blocks is not None:  # the learned weight decay: eager kernels only
+        if scalars.learned_weight_decay:  # the learned weight decay: eager kernels only
             kappa = scalars.kappa_blocks[entry.block].to(entry.grad.device, entry.grad.dtype)
         parameter_step(*self._parameter_step_arguments(entry, scalars), weight_decay=kappa)
 
@@ -207,7 +235,7 @@ class KernelRunner:
             finite_here, ok = scalars.flags(device, dtype)
         scale = ok * group["lr"]
         alphas: Scalars
-        if scalars.alpha_blocks is None:  # per-weight step sizes
+        if scalars.per_weight:
             alphas = torch._foreach_exp([e.state["log_alpha"] for e in bucket])
             torch._foreach_mul_(alphas, scale)
         elif scalars.host:

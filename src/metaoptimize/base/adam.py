@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -77,10 +80,16 @@ class Adam(BaseRule):
         ema_square_(exp_avg_sq, g, ok * (1.0 - beta2))
         bias1 = bias_correction(beta1, step, ok)
         bias2 = bias_correction(beta2, step, ok)
+        if not has_decay(kappa) and isinstance(bias1, float) and isinstance(bias2, float):
+            # Host scalars: u = m̂/(√v̂+ε) = m (√c2/c1) / (√v + ε√c2), c = bias corrections, in
+            # one temporary and four calls (each call on a small tensor costs more than its
+            # arithmetic; each large allocation, page faults).
+            root2 = math.sqrt(bias2)
+            denom = sqrt(exp_avg_sq).add_(group["eps"] * root2)
+            return torch.div(exp_avg, denom, out=denom).mul_(root2 / bias1), None
         rms = sqrt(exp_avg_sq).div_(sqrt_scalar(bias2))  # sqrt(v̂), on a fresh tensor
         if not has_decay(kappa):
-            # u = m̂/(√v̂+ε) built in that one temporary: on CPU every large allocation costs
-            # page faults, more than the arithmetic.
+            # u = m̂/(√v̂+ε) built in that one temporary.
             return rms.add_(group["eps"]).reciprocal_().mul_(exp_avg).div_(bias1), None
         denom = rms + group["eps"]
         # ∂u/∂g̃ = c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²), c1 = (1-β1)/bc1, c2 = (1-β2)/bc2.
@@ -115,14 +124,16 @@ class Adam(BaseRule):
         bias1 = foreach_bias_corrections(beta1, counts)
         bias2 = foreach_bias_corrections(beta2, counts)
         rms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(rms, foreach_sqrt_scalars(bias2))  # sqrt(v̂)
         if not has_decay(kappa) and isinstance(ok, float):
-            # u = m̂/(√v̂+ε) built in place, as the per-tensor host path does.
-            torch._foreach_add_(rms, group["eps"])
-            torch._foreach_reciprocal_(rms)
-            torch._foreach_mul_(rms, exp_avgs)
-            torch._foreach_div_(rms, bias1)
-            return rms, None
+            # u = m (√c2/c1) / (√v + ε√c2) in three more calls, as the per-tensor host path.
+            roots2 = cast("list[float]", foreach_sqrt_scalars(bias2))
+            eps = group["eps"]
+            torch._foreach_add_(rms, [eps * r for r in roots2])
+            u = torch._foreach_div(exp_avgs, rms)
+            scales = [r / b for r, b in zip(roots2, cast("list[float]", bias1), strict=True)]
+            torch._foreach_mul_(u, scales)
+            return u, None
+        torch._foreach_div_(rms, foreach_sqrt_scalars(bias2))  # sqrt(v̂)
         denoms = torch._foreach_add(rms, group["eps"])
         m_hat = torch._foreach_div(exp_avgs, bias1)
         u = torch._foreach_div(m_hat, denoms)
