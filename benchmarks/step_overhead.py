@@ -1,7 +1,7 @@
 """Optimizer-step and training-step time and memory: torch AdamW against MetaOptimize.
 
     python benchmarks/step_overhead.py [--device cpu|cuda] [--model mlp|deep-mlp|many-tensors]
-        [--repeats 30] [--only SUBSTRING|SUBSTRING] [--json out.json]
+        [--repeats 30] [--rounds 5] [--only SUBSTRING|SUBSTRING] [--json out.json]
 
 CPU: a 6.3M-parameter MLP (three 2M-weight layers: 6 tensors), ``--model deep-mlp`` (24
 layers of width 512: 48 tensors, 6.3M parameters), or with ``--model many-tensors`` a
@@ -9,7 +9,8 @@ layers of width 512: 48 tensors, 6.3M parameters), or with ``--model many-tensor
 where per-tensor overhead dominates). CUDA: GPT-2-small shapes (124M parameters, fp32
 weights, bf16 autocast, batch 8x1024). All optimizers are timed side by side in one process; each number is
 the median of ``--repeats`` timed steps after warm-up, with torch.cuda.synchronize around timed
-regions on CUDA. Prints a table with ratios to the fastest torch AdamW and writes JSON.
+regions on CUDA. On CPU the repeats are split into ``--rounds`` (5) interleaved rounds, so the
+slow spells of a shared machine fall on every optimizer alike. Prints a table with ratios to the fastest torch AdamW and writes JSON.
 """
 
 from __future__ import annotations
@@ -200,60 +201,99 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(
-    name: str,
-    build: Callable[[Any], torch.optim.Optimizer],
+class Timed:
+    """One optimizer on its own copy of the model, timed a few steps at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[Any], torch.optim.Optimizer],
+        device: torch.device,
+        model_name: str,
+    ) -> None:
+        if device.type == "cuda":
+            model, loss_fn = gpt2_model(device)
+        elif model_name == "many-tensors":
+            model, loss_fn = many_tensors_model()
+        elif model_name == "deep-mlp":
+            model, loss_fn = deep_mlp_model()
+        else:
+            model, loss_fn = cpu_model()
+        self.name, self.device = name, device
+        self.model, self.loss_fn = model.to(device), loss_fn
+        self.opt = build(self.model.parameters())
+        if callable(getattr(self.opt, "train", None)):
+            self.opt.train()
+        self.step_times: list[float] = []
+        self.train_times: list[float] = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.run(5, record=False)  # warm-up: lazy state, allocator, autotuning
+
+    def run(self, steps: int, record: bool = True) -> None:
+        device, opt = self.device, self.opt
+        for _ in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            self.loss_fn(self.model).backward()
+            _sync(device)
+            middle = time.perf_counter()
+            opt.step()
+            _sync(device)
+            end = time.perf_counter()
+            if record:
+                self.step_times.append(end - middle)
+                self.train_times.append(end - start)
+
+    def result(self) -> dict[str, Any]:
+        state_bytes = sum(
+            v.numel() * v.element_size()
+            for s in self.opt.state.values()
+            if isinstance(s, dict)
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "optimizer": self.name,
+            "params": params,
+            "tensors": len(list(self.model.parameters())),
+            "step_ms": 1e3 * statistics.median(self.step_times),
+            "train_step_ms": 1e3 * statistics.median(self.train_times),
+            "state_tensors_per_param": state_bytes / (params * 4),
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
+            if self.device.type == "cuda"
+            else None,
+        }
+
+
+def measure_all(
+    builds: dict[str, Callable[[Any], torch.optim.Optimizer]],
     device: torch.device,
     repeats: int,
-    model_name: str = "mlp",
-) -> dict[str, Any]:
-    if device.type == "cuda":
-        model, loss_fn = gpt2_model(device)
-    elif model_name == "many-tensors":
-        model, loss_fn = many_tensors_model()
-    elif model_name == "deep-mlp":
-        model, loss_fn = deep_mlp_model()
-    else:
-        model, loss_fn = cpu_model()
-    model.to(device)
-    opt = build(model.parameters())
-    if callable(getattr(opt, "train", None)):
-        opt.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step_times, train_times = [], []
-    for index in range(repeats + 5):
-        _sync(device)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model).backward()
-        _sync(device)
-        middle = time.perf_counter()
-        opt.step()
-        _sync(device)
-        end = time.perf_counter()
-        if index >= 5:  # warm-up: lazy state, allocator, autotuning
-            step_times.append(end - middle)
-            train_times.append(end - start)
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values()
-        if isinstance(s, dict)
-        for v in s.values()
-        if isinstance(v, torch.Tensor)
-    )
-    params = sum(p.numel() for p in model.parameters())
-    return {
-        "optimizer": name,
-        "params": params,
-        "tensors": len(list(model.parameters())),
-        "step_ms": 1e3 * statistics.median(step_times),
-        "train_step_ms": 1e3 * statistics.median(train_times),
-        "state_tensors_per_param": state_bytes / (params * 4),
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else None,
-    }
+    model_name: str,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """Every optimizer's median step, over ``rounds`` interleaved rounds of its repeats.
+
+    With one round, each optimizer is built, timed and freed in turn (GPU memory); with more,
+    all are built first and take turns, so a slow spell of a shared machine falls on all.
+    """
+    if rounds == 1:
+        rows = []
+        for name, build in builds.items():
+            timed = Timed(name, build, device, model_name)
+            timed.run(repeats)
+            rows.append(timed.result())
+            del timed
+        return rows
+    everyone = [Timed(name, build, device, model_name) for name, build in builds.items()]
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for timed in everyone:
+            timed.run(per_round)
+    return [timed.result() for timed in everyone]
 
 
 def main() -> None:
@@ -262,18 +302,25 @@ def main() -> None:
     parser.add_argument("--model", choices=("mlp", "deep-mlp", "many-tensors"), default="mlp")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds the repeats are split into (default 5 on CPU, 1 on CUDA)",
+    )
+    parser.add_argument(
         "--only", help="substring filter on optimizer names; '|' separates alternatives"
     )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [
-        measure(name, build, device, args.repeats, args.model)
+    builds = {
+        name: build
         for name, build in optimizers(device).items()
         if not args.only
         or any(part in name for part in args.only.split("|"))
         or name.startswith("torch AdamW")
-    ]
+    }
+    rounds = args.rounds or (1 if device.type == "cuda" else 5)
+    rows = measure_all(builds, device, args.repeats, args.model, rounds)
     baseline = min(r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW"))
     train_baseline = min(
         r["train_step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")

@@ -16,7 +16,7 @@ from metaoptimize._checkpoint import (
     check_state_tensor,
     restored_bounds,
 )
-from metaoptimize._kernels import KernelOptions, plan_kernels
+from metaoptimize._kernels import Bucket, KernelOptions, plan_kernels
 from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import triton_available
 from metaoptimize._math import as_dtype
@@ -45,6 +45,8 @@ __all__ = ["MetaOptimize"]
 
 FORMAT_VERSION = 1
 _META_PREFIX = "meta_"
+#: Kernel plans kept per optimizer (one per set of parameters with gradients).
+_PLAN_CACHE_SIZE = 8
 _ALPHA0_ADVICE = (
     "; use blocks='group' or 'tensor', or one alpha0 with a different lr multiplier per group"
 )
@@ -256,6 +258,7 @@ class MetaOptimize(Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor, bool]] = {}
         self._options_cache: dict[tuple[bool, bool, bool], KernelOptions] = {}
+        self._plan_cache: dict[tuple[Any, ...], list[tuple[str, list[int]]]] = {}
         self._kernels = KernelRunner(self._base, self._block_indices)
         self._grow_blocks()
 
@@ -329,6 +332,7 @@ class MetaOptimize(Optimizer):
         if self._hessian is not None:
             self._hessian.grow(layout, self.state.values(), self._step_size)
         self._index_cache.clear()
+        self._plan_cache.clear()
 
     # ------------------------------------------------------------------ public helpers
 
@@ -455,7 +459,7 @@ class MetaOptimize(Optimizer):
             step_sizes=None if self.layout.per_weight else self._step_size,
             weight_decays=self._weight_decay if self._learn_wd else None,
         )
-        for bucket in plan_kernels(entries, self._kernel_options(host_scalars), self._decoupled):
+        for bucket in self._plan(entries, host_scalars):
             self._kernels.run(bucket, scalars)
 
         # 3. Meta steps on β = log α (after the weight step, as in the paper).
@@ -555,6 +559,27 @@ class MetaOptimize(Optimizer):
 
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return is_decoupled(self._base, group)
+
+    def _plan(self, entries: list[Entry], host_scalars: bool) -> list[Bucket]:
+        """:func:`plan_kernels` of this step, reused while the same parameters have gradients.
+
+        A kernel's choice depends on the options and on what a parameter is (size, dtype,
+        device, state kind), which a parameter keeps; contiguity (the fused kernels) and
+        DTensor shards (viewed anew every step) are checked every step instead.
+        """
+        options = self._kernel_options(host_scalars)
+        if options.fused or self._sharding.mesh(self.param_groups) is not None:
+            return plan_kernels(entries, options, self._decoupled)
+        key = (options, *(id(e.param) for e in entries))
+        cached = self._plan_cache.get(key)
+        if cached is None:
+            position = {id(e): i for i, e in enumerate(entries)}
+            planned = plan_kernels(entries, options, self._decoupled)
+            cached = [(b.kernel, [position[id(e)] for e in b.entries]) for b in planned]
+            if len(self._plan_cache) >= _PLAN_CACHE_SIZE:
+                self._plan_cache.clear()  # gradients on ever-changing subsets: start over
+            self._plan_cache[key] = cached
+        return [Bucket(kernel, [entries[i] for i in indices]) for kernel, indices in cached]
 
     def _kernel_options(self, host_scalars: bool) -> KernelOptions:
         """The kernel options of this step (built once per combination of what can change)."""
@@ -707,6 +732,7 @@ class MetaOptimize(Optimizer):
         state = self._restored_state(state_dict["state"], groups)
         super().load_state_dict(state_dict)
         # Every check passed: from here on nothing raises.
+        self._plan_cache.clear()
         self.state.clear()
         self.state.update(state)
         self._step_size.rule, self._step_size.bounds = meta, bounds

@@ -14,12 +14,12 @@ floats, which take torch's scalar-list kernels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from metaoptimize.base import BaseRule, Scalars, TensorList, has_decay
+from metaoptimize.base import BaseRule, Quotient, Scalars, TensorList, has_decay
 
 __all__ = ["foreach_parameter_step"]
 
@@ -62,12 +62,17 @@ def foreach_parameter_step(
     u, slopes = rule.foreach_direction(params, grads, states, group, ok)
     kappa = group["weight_decay"]
     host = isinstance(alphas[0], float)
-    neg_alphas = [-float(a) for a in alphas] if host else torch._foreach_neg(alphas)  # type: ignore[arg-type]
-    if decoupled and kappa:
-        delta = torch._foreach_add(u, params, alpha=kappa)
-        torch._foreach_mul_(delta, neg_alphas)
+    if isinstance(u, Quotient) and not host:  # per-weight step sizes: α is a tensor
+        u = u.formed()
+    if isinstance(u, Quotient):
+        delta = _quotient_delta(u, params, cast("list[float]", alphas), kappa if decoupled else 0.0)
     else:
-        delta = torch._foreach_mul(u, neg_alphas)
+        neg_alphas = [-float(a) for a in alphas] if host else torch._foreach_neg(alphas)  # type: ignore[arg-type]
+        if decoupled and kappa:
+            delta = torch._foreach_add(u, params, alpha=kappa)
+            torch._foreach_mul_(delta, neg_alphas)
+        else:
+            delta = torch._foreach_mul(u, neg_alphas)
     if with_trace:
         traces = [s["trace"] for s in states]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)
@@ -80,6 +85,20 @@ def foreach_parameter_step(
             torch._foreach_mul_(traces, gamma)
         torch._foreach_add_(traces, delta)
     torch._foreach_add_(params, delta)
+
+
+def _quotient_delta(
+    u: Quotient, params: TensorList, alphas: list[float], kappa: float
+) -> TensorList:
+    """``Δ = -α (u + κ w)`` from ``u = s n / d``: ``-α κ w`` (or 0) plus ``addcdiv`` by ``-α s``."""
+    values = [-a * s for a, s in zip(alphas, u.scales, strict=True)]
+    if not kappa:
+        delta = torch._foreach_div(u.numerators, u.denominators)
+        torch._foreach_mul_(delta, values)
+        return delta
+    delta = torch._foreach_mul(params, [-a * kappa for a in alphas])
+    torch._foreach_addcdiv_(delta, u.numerators, u.denominators, values)
+    return delta
 
 
 def _trace_decays(

@@ -24,6 +24,7 @@ from __future__ import annotations
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Quotient,
     Scalars,
     Slope,
     TensorList,
@@ -40,6 +41,7 @@ __all__ = [
     "BASE_RULES",
     "BaseRule",
     "Group",
+    "Quotient",
     "Scalars",
     "Slope",
     "TensorList",

@@ -8,7 +8,7 @@ tensors with ``torch._foreach_*`` ops (``tests/test_foreach.py`` checks the two 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "BaseRule",
     "Group",
+    "Quotient",
     "Scalars",
     "Slope",
     "TensorList",
@@ -31,6 +32,25 @@ Slope = Tensor | float | None
 TensorList = list[Tensor] | tuple[Tensor, ...]
 #: Per-tensor scalars of the multi-tensor form: 0-d tensors, or Python floats (host scalars).
 Scalars = TensorList | list[float]
+
+
+class Quotient(NamedTuple):
+    """A multi-tensor direction left unformed: ``u = scale · numerator / denominator``.
+
+    Host scalars only. The optimizer forms the whole update ``-α (u + κ w)`` from it with one
+    ``addcdiv`` (whose ``value`` takes the scale), where forming ``u`` first would cost two
+    more passes over every tensor.
+    """
+
+    numerators: TensorList
+    denominators: TensorList
+    scales: list[float]
+
+    def formed(self) -> list[Tensor]:
+        """``u`` itself."""
+        u = torch._foreach_div(self.numerators, self.denominators)
+        torch._foreach_mul_(u, self.scales)
+        return list(u)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -223,12 +243,12 @@ class BaseRule:
         states: list[dict[str, Tensor]],
         group: Group,
         ok: Tensor | float,
-    ) -> tuple[TensorList, Scalars | None]:
+    ) -> tuple[TensorList | Quotient, Scalars | None]:
         """:meth:`direction` for a list of parameters of one group, device and dtype.
 
         ``ok`` is a 0-d tensor (device scalars: nothing is read on the host) or, with host
-        scalars on CPU, the float 1.0; per-tensor constants are then Python floats and the
-        slopes may be a list of floats.
+        scalars on CPU, the float 1.0; per-tensor constants are then Python floats, the
+        slopes may be a list of floats and the direction may come as a :class:`Quotient`.
         """
         raise NotImplementedError
 

@@ -12,6 +12,7 @@ from metaoptimize._math import ema_square_, sqrt
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
+    Quotient,
     Scalars,
     Slope,
     TensorList,
@@ -110,7 +111,7 @@ class Adam(BaseRule):
         states: list[dict[str, Tensor]],
         group: Group,
         ok: Tensor | float,
-    ) -> tuple[TensorList, Scalars | None]:
+    ) -> tuple[TensorList | Quotient, Scalars | None]:
         beta1, beta2 = group["betas"]
         kappa = 0.0 if self.decoupled_weight_decay else group["weight_decay"]
         g = foreach_l2(grads, params, kappa)
@@ -125,14 +126,12 @@ class Adam(BaseRule):
         bias2 = foreach_bias_corrections(beta2, counts)
         rms = torch._foreach_sqrt(exp_avg_sqs)
         if not has_decay(kappa) and isinstance(ok, float):
-            # u = m (√c2/c1) / (√v + ε√c2) in three more calls, as the per-tensor host path.
+            # u = m (√c2/c1) / (√v + ε√c2), as the per-tensor host path, left as a quotient.
             roots2 = cast("list[float]", foreach_sqrt_scalars(bias2))
             eps = group["eps"]
             torch._foreach_add_(rms, [eps * r for r in roots2])
-            u = torch._foreach_div(exp_avgs, rms)
             scales = [r / b for r, b in zip(roots2, cast("list[float]", bias1), strict=True)]
-            torch._foreach_mul_(u, scales)
-            return u, None
+            return Quotient(exp_avgs, rms, scales), None
         torch._foreach_div_(rms, foreach_sqrt_scalars(bias2))  # sqrt(v̂)
         denoms = torch._foreach_add(rms, group["eps"])
         m_hat = torch._foreach_div(exp_avgs, bias1)
