@@ -26,7 +26,6 @@ from metaoptimize.base._rule import (
     foreach_sqrt_scalars,
     has_decay,
     l2,
-    lean_slope,
     safe_div,
     sqrt_scalar,
     step_counts,
@@ -88,6 +87,17 @@ class Adam(BaseRule):
             root2 = math.sqrt(bias2)
             denom = sqrt(exp_avg_sq).add_(group["eps"] * root2)
             return torch.div(exp_avg, denom, out=denom).mul_(root2 / bias1), None
+        if isinstance(bias1, float) and isinstance(bias2, float):
+            # Host scalars with L2: ∂u/∂g̃ = (c1 - c2 m̂ g̃ / (√v̂ (√v̂+ε))) / (√v̂+ε), docs/math.md
+            # §4, built in the L2 gradient's own temporary; with √v̂+ε and u, three large
+            # temporaries where the general form takes eight. 0/0 (v̂ = 0) is taken as 0.
+            rms = sqrt(exp_avg_sq).div_(math.sqrt(bias2))
+            slope = g.mul_(exp_avg).div_(rms)  # m g̃ / √v̂; g̃ is not needed again
+            denom = rms.add_(group["eps"])
+            u = exp_avg.div(denom).div_(bias1)
+            c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
+            slope.div_(denom).mul_(-c2 / bias1).nan_to_num_(0.0, 0.0, 0.0)
+            return u, slope.add_(c1).div_(denom)
         rms = sqrt(exp_avg_sq).div_(sqrt_scalar(bias2))  # sqrt(v̂), on a fresh tensor
         if not has_decay(kappa):
             # u = m̂/(√v̂+ε) built in that one temporary.
@@ -95,11 +105,6 @@ class Adam(BaseRule):
         denom = rms + group["eps"]
         # ∂u/∂g̃ = c1/(√v̂+ε) - c2 m̂ g̃ / (√v̂ (√v̂+ε)²), c1 = (1-β1)/bc1, c2 = (1-β2)/bc2.
         c1, c2 = (1.0 - beta1) / bias1, (1.0 - beta2) / bias2
-        if isinstance(c1, float) and isinstance(c2, float):
-            # Host scalars: the same slope as (c1 - c2 u g̃ / √v̂) / (√v̂+ε), u = m̂/(√v̂+ε),
-            # in two temporaries instead of eight.
-            u = exp_avg.div(denom).div_(bias1)
-            return u, lean_slope(u, g, c2, rms, 1.0, c1).div_(denom)
         m_hat = exp_avg / bias1
         u = m_hat / denom
         return u, adam_l2_slope(g, m_hat, rms, denom, c1, c2)

@@ -98,6 +98,16 @@ class RMSprop(BaseRule):
             return grad / rms.add_(eps), None
         g = l2(grad, param, kappa)
         ema_square_(square_avg, g, ok * (1.0 - smoothing))
+        if has_decay(kappa) and isinstance(ok, float) and not group["centered"]:
+            # Host scalars with L2: ∂u/∂g̃ = (1 - (1-a) g̃² / (s (s+ε))) / (s+ε), s = √v
+            # (docs/math.md §4), with u built in the L2 gradient's own temporary: three large
+            # temporaries where the general form takes five. 0/0 (v = 0) is taken as 0.
+            rms = sqrt(square_avg)
+            slope = torch.mul(g, g).mul_(1.0 - smoothing).div_(rms)
+            denom = rms.add_(eps)
+            u = self._with_momentum(g.div_(denom), state, group, ok)
+            slope.div_(denom).nan_to_num_(0.0, 0.0, 0.0).neg_().add_(1.0)
+            return u, slope.div_(denom)
         if group["centered"]:
             grad_avg = state["grad_avg"]
             grad_avg.lerp_(g, ok * (1.0 - smoothing))
@@ -106,18 +116,25 @@ class RMSprop(BaseRule):
             grad_avg = None
             rms = sqrt(square_avg)
         denom = rms + eps
-        u = g / denom
-        if group["momentum"] > 0.0:
-            buf = state["momentum_buffer"]
-            buf.mul_(1.0 + ok * (group["momentum"] - 1.0))
-            buf.add_(u, alpha=ok) if isinstance(ok, float) else buf.add_(u * ok)
-            u = buf
+        u = self._with_momentum(g / denom, state, group, ok)
         if not has_decay(kappa):
             return u, None
         # ∂(g̃/(s+ε))/∂g̃ with s = sqrt(v - ḡ²), ∂s/∂g̃ = (1-a)(g̃ - ḡ)/s.
         centred_g = g if grad_avg is None else g - grad_avg
         host = isinstance(ok, float)
         return u, rmsprop_l2_slope(g, centred_g, rms, denom, smoothing, host=host)
+
+    @staticmethod
+    def _with_momentum(
+        u: Tensor, state: dict[str, Tensor], group: Group, ok: Tensor | float
+    ) -> Tensor:
+        """``u`` through the momentum buffer, when the group has momentum."""
+        if group["momentum"] <= 0.0:
+            return u
+        buf = state["momentum_buffer"]
+        buf.mul_(1.0 + ok * (group["momentum"] - 1.0))
+        buf.add_(u, alpha=ok) if isinstance(ok, float) else buf.add_(u * ok)
+        return buf
 
     def foreach_direction(
         self,
