@@ -88,6 +88,18 @@ def test_small_cpu_tensors_take_the_multi_tensor_kernel_by_default() -> None:
     assert choose_kernel(small, replace(CPU, host_scalars=False), decoupled=True) == EAGER
 
 
+def test_fused_on_cpu_compiles_large_tensors_and_leaves_small_ones_to_foreach() -> None:
+    """A compiled call per small CPU tensor costs more than the multi-tensor kernel."""
+    small = _entry((CPU_FOREACH_MAX_NUMEL,))
+    fused = replace(CPU, fused=True)
+    assert choose_kernel(small, fused, decoupled=True) == FOREACH
+    assert choose_kernel(_entry(), fused, decoupled=True) == COMPILED
+    # An explicit foreach=False keeps the compiled kernel for every tensor.
+    assert choose_kernel(small, replace(fused, foreach=False), decoupled=True) == COMPILED
+    # Off the host path (CUDA's sync-free form) fused stays fused.
+    assert choose_kernel(small, replace(fused, host_scalars=False), decoupled=True) == COMPILED
+
+
 def test_tensors_a_kernel_cannot_take_go_to_the_next_one() -> None:
     kahan = _entry(kahan_comp=torch.zeros(LARGE))
     assert choose_kernel(kahan, replace(CPU, foreach=True), decoupled=True) == HOST

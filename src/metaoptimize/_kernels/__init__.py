@@ -57,7 +57,8 @@ class KernelOptions:
         base: the base rule's name.
         foreach: the user's ``foreach`` (None: multi-tensor on CUDA and for CPU tensors of at
             most :data:`CPU_FOREACH_MAX_NUMEL` elements, per tensor otherwise).
-        fused: the user's ``fused``.
+        fused: the user's ``fused`` (with ``foreach=None``, CPU tensors of at most
+            :data:`CPU_FOREACH_MAX_NUMEL` elements still take the multi-tensor kernel).
         fused_backend: ``"auto"``, ``"triton"`` or ``"compile"``.
         host_scalars: the step runs with Python scalars (CPU).
         learned_weight_decay: the weight decay is learned (only the per-tensor eager kernels
@@ -98,6 +99,9 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     if foreach is None:
         small_on_host = options.host_scalars and param.numel() <= CPU_FOREACH_MAX_NUMEL
         foreach = grad.device.type == "cuda" or small_on_host
+        # On CPU a compiled call per small tensor costs more than the multi-tensor kernel's
+        # share of it (docs/performance.md): fused=True compiles the large tensors only.
+        fused = fused and not small_on_host
     if (
         foreach
         and not (fused and supports_fused(param, grad, state))
