@@ -87,9 +87,14 @@ class MetaParameter:
         since (``_version`` counts in-place writes, from anyone: ``load_state_dict``, a test).
         """
         tensors = (self.values, *self.state.values())
-        if self._mirror is None or any(
-            t is not seen or t._version != version
-            for t, (seen, version) in zip(tensors, self._mirror_versions, strict=True)
+        seen = self._mirror_versions
+        if (
+            self._mirror is None
+            or len(tensors) != len(seen)
+            or any(
+                t is not old or t._version != version
+                for t, (old, version) in zip(tensors, seen, strict=True)
+            )
         ):
             self._mirror = (
                 self.values.tolist(),
