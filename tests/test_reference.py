@@ -107,3 +107,30 @@ def test_host_and_device_scalar_paths_agree_in_float32(blocks: str) -> None:
     values, state = host._step_size._floats()
     assert values == host._step_size.values.tolist()
     assert state == {key: value.tolist() for key, value in host._step_size.state.items()}
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "tensor"])
+def test_parameters_whose_gradient_comes_and_goes_follow_the_reference(blocks: str) -> None:
+    """The kernel plan is reused per set of parameters with gradients: a parameter without a
+    gradient on some steps changes the set, and each set must get its own plan."""
+    fast_model = TinyNet()
+    ref_model = clone_model(fast_model)
+    settings: dict[str, Any] = {"base": "adamw", "meta": "adam", "meta_lr": 0.05}
+    settings |= {"alpha0": 0.02, "gamma": 0.99, "weight_decay": 0.01, "alpha_max": 1.0}
+    fast = MetaOptimize(fast_model.parameters(), blocks=blocks, **settings)
+    ref = ReferenceMetaOptimize(ref_model.parameters(), blocks=blocks, **settings)
+    for step, batch in enumerate(batches(12)):
+        for model, opt in ((fast_model, fast), (ref_model, ref)):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            if step % 3 == 1:
+                model.hidden.bias.grad = None
+            if step % 4 == 2:
+                model.out.weight.grad = None
+            opt.step()
+        for p_fast, p_ref in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(p_fast, p_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            flat_step_sizes(fast), flat_step_sizes(ref), rtol=1e-10, atol=1e-14
+        )
+    assert len(fast._plan_cache) > 1  # several sets of parameters were planned
