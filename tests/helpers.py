@@ -67,6 +67,28 @@ def train(
             on_step(index)
 
 
+def step_together(
+    pairs: Sequence[tuple[nn.Module, Any]],
+    batch: tuple[Tensor, Tensor],
+    tamper: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """One training step of every (model, optimizer) pair on the same batch.
+
+    ``tamper(model)`` edits the fresh gradients before the optimizer steps.
+    """
+    for model, opt in pairs:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        if tamper is not None:
+            tamper(model)
+        opt.step()
+
+
+def nan_out_bias(model: nn.Module) -> None:
+    """A non-finite gradient entry: the step must be skipped."""
+    model.out.bias.grad[0] = float("nan")
+
+
 def params_of(model: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

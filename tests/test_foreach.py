@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from cases import CASES, Case
-from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from helpers import (
+    TinyNet,
+    batches,
+    clone_model,
+    flat_step_sizes,
+    nan_out_bias,
+    step_together,
+)
 from metaoptimize import MetaOptimize
 
 
@@ -27,14 +34,9 @@ def test_foreach_equals_per_tensor(case: Case, scalars: str) -> None:
         opt._device_scalars = foreach and scalars == "device"
         optimizers.append(opt)
     for step, batch in enumerate(batches(12)):
-        for model, opt in zip((per_tensor_model, foreach_model), optimizers, strict=True):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            if step == 5:  # a skipped step must be skipped by both
-                model.out.bias.grad[0] = float("nan")
-            if step == 8:  # a parameter without a gradient keeps its state
-                model.hidden.bias.grad = None
-            opt.step()
+        pairs = list(zip((per_tensor_model, foreach_model), optimizers, strict=True))
+        # A skipped step must be skipped by both; a parameter without a gradient keeps its state.
+        step_together(pairs, batch, {5: nan_out_bias, 8: _drop_hidden_bias_grad}.get(step))
     per_tensor, foreach = optimizers
     for a, b in zip(per_tensor_model.parameters(), foreach_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-13)
@@ -65,3 +67,7 @@ def test_foreach_step_reads_no_tensor_value(case: Case) -> None:
             p.grad = torch.empty_like(p)
         with _forbid_host_sync():
             opt.step()
+
+
+def _drop_hidden_bias_grad(model: torch.nn.Module) -> None:
+    model.hidden.bias.grad = None

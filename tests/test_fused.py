@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from cases import ONE_PER_BASE, Case
-from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from helpers import (
+    TinyNet,
+    batches,
+    clone_model,
+    flat_step_sizes,
+    loss_fn,
+    nan_out_bias,
+    step_together,
+)
 from metaoptimize import MetaOptimize
 
 
@@ -25,12 +33,9 @@ def test_fused_equals_eager(case: Case) -> None:
         fused_groups, blocks=fused_blocks, fused=True, foreach=False, **case.kwargs()
     )
     for step, batch in enumerate(batches(15)):
-        for model, opt in ((eager_model, eager), (fused_model, fused)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            if step == 7:  # a skipped step must be skipped by both
-                model.out.bias.grad[0] = float("nan")
-            opt.step()
+        pairs = ((eager_model, eager), (fused_model, fused))
+        # A skipped step (step 7) must be skipped by both.
+        step_together(pairs, batch, nan_out_bias if step == 7 else None)
         for a, b in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 import torch
 
 from cases import CASES, Case
-from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn
+from helpers import TinyNet, batches, clone_model, flat_step_sizes, nan_out_bias, step_together
 from metaoptimize import MetaOptimize, ReferenceMetaOptimize
 
 STEPS = 25
@@ -39,10 +40,7 @@ def test_fast_path_equals_reference(case: Case) -> None:
     )
     moved = False
     for batch in batches(STEPS):
-        for model, opt in ((fast_model, fast), (ref_model, ref)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            opt.step()
+        step_together(((fast_model, fast), (ref_model, ref)), batch)
         for p_fast, p_ref in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(p_fast, p_ref, rtol=1e-10, atol=1e-12)
         fast_sizes, ref_sizes = flat_step_sizes(fast), flat_step_sizes(ref)
@@ -65,12 +63,8 @@ def test_device_scalar_path_equals_the_host_scalar_path(case: Case) -> None:
     )
     device._device_scalars = True
     for step, batch in enumerate(batches(12)):
-        for model, opt in ((host_model, host), (device_model, device)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            if step == 5:
-                model.out.bias.grad[0] = float("nan")
-            opt.step()
+        pairs = ((host_model, host), (device_model, device))
+        step_together(pairs, batch, nan_out_bias if step == 5 else None)
         for p_host, p_device in zip(
             host_model.parameters(), device_model.parameters(), strict=True
         ):
@@ -92,12 +86,8 @@ def test_host_and_device_scalar_paths_agree_in_float32(blocks: str) -> None:
     host = MetaOptimize(host_model.parameters(), blocks=blocks, meta_lr=0.05)
     device = MetaOptimize(device_model.parameters(), blocks=blocks, meta_lr=0.05)
     device._device_scalars = True
-    for batch in batches(40):
-        batch = (batch[0].float(), batch[1].float())
-        for model, opt in ((host_model, host), (device_model, device)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            opt.step()
+    for x, y in batches(40):
+        step_together(((host_model, host), (device_model, device)), (x.float(), y.float()))
     for p_host, p_device in zip(host_model.parameters(), device_model.parameters(), strict=True):
         torch.testing.assert_close(p_host, p_device, rtol=1e-4, atol=1e-6)
     host_sizes, device_sizes = flat_step_sizes(host), flat_step_sizes(device)
@@ -120,17 +110,18 @@ def test_parameters_whose_gradient_comes_and_goes_follow_the_reference(blocks: s
     fast = MetaOptimize(fast_model.parameters(), blocks=blocks, **settings)
     ref = ReferenceMetaOptimize(ref_model.parameters(), blocks=blocks, **settings)
     for step, batch in enumerate(batches(12)):
-        for model, opt in ((fast_model, fast), (ref_model, ref)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            if step % 3 == 1:
-                model.hidden.bias.grad = None
-            if step % 4 == 2:
-                model.out.weight.grad = None
-            opt.step()
+        tamper = functools.partial(_drop_some_gradients, step=step)
+        step_together(((fast_model, fast), (ref_model, ref)), batch, tamper)
         for p_fast, p_ref in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(p_fast, p_ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(
             flat_step_sizes(fast), flat_step_sizes(ref), rtol=1e-10, atol=1e-14
         )
     assert len(fast._plan_cache) > 1  # several sets of parameters were planned
+
+
+def _drop_some_gradients(model: torch.nn.Module, step: int) -> None:
+    if step % 3 == 1:
+        model.hidden.bias.grad = None
+    if step % 4 == 2:
+        model.out.weight.grad = None

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import PlainLion, TinyNet, batches, clone_model, loss_fn, two_groups
+from helpers import PlainLion, TinyNet, batches, clone_model, step_together, two_groups
 from metaoptimize import MetaOptimize, ReferenceMetaOptimize
 
 STEPS = 50
@@ -89,10 +89,7 @@ def _assert_same_trajectory(
     ours: Any, theirs: Any, ours_model: TinyNet, their_model: TinyNet
 ) -> None:
     for step, batch in enumerate(batches(STEPS)):
-        for model, opt in ((ours_model, ours), (their_model, theirs)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            opt.step()
+        step_together(((ours_model, ours), (their_model, theirs)), batch)
         for p_ours, p_theirs in zip(ours_model.parameters(), their_model.parameters(), strict=True):
             torch.testing.assert_close(
                 p_ours,

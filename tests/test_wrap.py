@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn, train
+from helpers import TinyNet, batches, clone_model, flat_step_sizes, loss_fn, step_together, train
 from metaoptimize import MetaOptimize
 from metaoptimize.wrap import wrap
 
@@ -72,10 +72,7 @@ def test_wrapped_torch_optimizer_equals_native_metaoptimize(
         **base_kwargs,
     )
     for batch in batches(25):
-        for model, opt in ((wrapped_model, wrapped), (native_model, native)):
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            opt.step()
+        step_together(((wrapped_model, wrapped), (native_model, native)), batch)
     for a, b in zip(wrapped_model.parameters(), native_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(
