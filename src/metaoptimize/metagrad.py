@@ -114,11 +114,16 @@ def _nonfinite_count(tensors: Sequence[Tensor], home: torch.device) -> Tensor:
     return (~torch.isfinite(torch.stack([m.to(home) for m in largest]))).sum()
 
 
+def _dot(trace: Tensor, grad: Tensor) -> Tensor:
+    """``<h, g>`` of one parameter, in the gradient's dtype, as a 0-d tensor on its device."""
+    return torch.dot(as_dtype(trace, grad.dtype).flatten(), grad.flatten())
+
+
 def _partial(
     trace: Tensor, grad: Tensor, share: float, home: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """This rank's ``<h, g>`` for one parameter, weighted by its share, on the home device."""
-    dot = torch.dot(as_dtype(trace, grad.dtype).flatten(), grad.flatten())
+    dot = _dot(trace, grad)
     if dot.device != home:
         dot = dot.to(home)
     dot = as_dtype(dot, dtype)
@@ -163,11 +168,7 @@ def _host_block_meta_gradient(
     The block sums are rounded to ``dtype`` as the tensor form stores them, so the verdict and
     the meta step see the values the device path would (a sum past ``dtype``'s range is inf).
     """
-    dots = [
-        torch.dot(as_dtype(e.state[key], e.grad.dtype).flatten(), e.grad.flatten())
-        for key in traces
-        for e in entries
-    ]
+    dots = [_dot(e.state[key], e.grad) for key in traces for e in entries]
     values = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
     z = [0.0] * (len(traces) * num_blocks)
     for index, value in enumerate(values):

@@ -72,7 +72,8 @@ class MetaParameter:
         if host and self._host_step(z if isinstance(z, list) else z.tolist()):
             return
         values = self.values
-        z = torch.tensor(z, dtype=values.dtype, device=values.device) if isinstance(z, list) else z
+        if isinstance(z, list):
+            z = torch.tensor(z, dtype=values.dtype, device=values.device)
         low, high = self.bounds
         meta_step(self.rule, values, z.to(values.dtype), self.state, keep, low, high)
 

@@ -65,21 +65,15 @@ def safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
 
 
-def lean_slope(
-    a: Tensor, b: Tensor, c: float, rms: Tensor, denom: Tensor | float, c1: float
-) -> Tensor:
+def lean_slope(a: Tensor, b: Tensor, c: float, rms: Tensor, denom: Tensor, c1: float) -> Tensor:
     """``(c1 - c a b / (rms denom)) / denom`` in one temporary, 0/0 taken as 0.
 
     The same slope as the general form (and :func:`safe_div`'s 0/0 limit) with far fewer
     allocations, for the CPU path, where each large allocation and each comparison costs more
     than the arithmetic.
     """
-    unit = isinstance(denom, float) and denom == 1.0  # dividing by 1.0 is a wasted pass
-    ratio = torch.mul(a, b).mul_(c).div_(rms)
-    if not unit:
-        ratio.div_(denom)
-    ratio.nan_to_num_(0.0, 0.0, 0.0).neg_().add_(c1)
-    return ratio if unit else ratio.div_(denom)
+    ratio = torch.mul(a, b).mul_(c).div_(rms).div_(denom)
+    return ratio.nan_to_num_(0.0, 0.0, 0.0).neg_().add_(c1).div_(denom)
 
 
 def bias_correction(beta: float, step: Tensor, ok: Tensor | float) -> Tensor | float:

@@ -80,17 +80,17 @@ class Adam(BaseRule):
         ema_square_(exp_avg_sq, g, ok * (1.0 - beta2))
         bias1 = bias_correction(beta1, step, ok)
         bias2 = bias_correction(beta2, step, ok)
-        if not has_decay(kappa) and isinstance(bias1, float) and isinstance(bias2, float):
-            # Host scalars: u = m̂/(√v̂+ε) = m (√c2/c1) / (√v + ε√c2), c = bias corrections, in
-            # one temporary and four calls (each call on a small tensor costs more than its
-            # arithmetic; each large allocation, page faults).
-            root2 = math.sqrt(bias2)
-            denom = sqrt(exp_avg_sq).add_(group["eps"] * root2)
-            return torch.div(exp_avg, denom, out=denom).mul_(root2 / bias1), None
-        if isinstance(bias1, float) and isinstance(bias2, float):
-            # Host scalars with L2: ∂u/∂g̃ = (c1 - c2 m̂ g̃ / (√v̂ (√v̂+ε))) / (√v̂+ε), docs/math.md
-            # §4, built in the L2 gradient's own temporary; with √v̂+ε and u, three large
-            # temporaries where the general form takes eight. 0/0 (v̂ = 0) is taken as 0.
+        if isinstance(bias1, float) and isinstance(bias2, float):  # host scalars
+            if not has_decay(kappa):
+                # u = m̂/(√v̂+ε) = m (√c2/c1) / (√v + ε√c2), c = bias corrections, in one
+                # temporary and four calls (each call on a small tensor costs more than its
+                # arithmetic; each large allocation, page faults).
+                root2 = math.sqrt(bias2)
+                denom = sqrt(exp_avg_sq).add_(group["eps"] * root2)
+                return torch.div(exp_avg, denom, out=denom).mul_(root2 / bias1), None
+            # With L2: ∂u/∂g̃ = (c1 - c2 m̂ g̃ / (√v̂ (√v̂+ε))) / (√v̂+ε), docs/math.md §4, built
+            # in the L2 gradient's own temporary; with √v̂+ε and u, three large temporaries
+            # where the general form takes eight. 0/0 (v̂ = 0) is taken as 0.
             rms = sqrt(exp_avg_sq).div_(math.sqrt(bias2))
             slope = g.mul_(exp_avg).div_(rms)  # m g̃ / √v̂; g̃ is not needed again
             denom = rms.add_(group["eps"])
