@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from helpers import (
     step_together,
 )
 from metaoptimize import MetaOptimize
+from metaoptimize.base import operand
+from metaoptimize.metagrad import _nonfinite_count
 
 
 @pytest.mark.parametrize("scalars", ["host", "device"])
@@ -71,3 +75,37 @@ def test_foreach_step_reads_no_tensor_value(case: Case) -> None:
 
 def _drop_hidden_bias_grad(model: torch.nn.Module) -> None:
     model.hidden.bias.grad = None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_operands_compute_what_the_python_scalars_do(dtype: torch.dtype) -> None:
+    """``operand`` turns CPU foreach scalars into 0-d tensors: every value stays bitwise."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=generator, dtype=dtype) for s in (7, (3, 5), 1)]
+    same, distinct = 0.999, [0.1, 1.0 / 3.0, 2.0**-30 + 1.0]
+    for value in (same, [same] * 3, distinct):
+        for op in (torch._foreach_mul, torch._foreach_add):
+            expected = op(tensors, value)
+            got = op(tensors, operand(value, tensors))
+            for e, g in zip(expected, got, strict=True):
+                assert torch.equal(e, g)
+    assert isinstance(operand(same, tensors)[0], torch.Tensor)
+    # Tensors, and lists that take no tensor operand, pass through untouched.
+    scalar_tensor = torch.tensor(2.0, dtype=dtype)
+    assert operand(scalar_tensor, tensors) is scalar_tensor
+    assert operand(same, [t.to(torch.bfloat16) for t in tensors]) == same
+    assert operand(same, []) == same
+
+
+def test_nonfinite_count_sees_nan_and_both_infinities() -> None:
+    """The verdict of per-weight meta-gradients: any NaN, +inf or -inf anywhere counts."""
+    finite = [torch.randn(4, 3, dtype=torch.float64), torch.zeros(5), torch.empty(0)]
+    cpu = torch.device("cpu")
+    assert int(_nonfinite_count(finite, cpu)) == 0
+    for bad in (math.nan, math.inf, -math.inf):
+        tensors = [t.clone() for t in finite]
+        tensors[0][2, 1] = bad
+        tensors[1][4] = bad
+        assert int(_nonfinite_count(tensors, cpu)) >= 2, bad  # two tensors, at least one each
+        tensors[0][2, 1] = 0.0
+        assert int(_nonfinite_count(tensors, cpu)) >= 1, bad

@@ -146,6 +146,36 @@ def test_auto_rule_multi_tensor_form_equals_the_tensor_form(betas: tuple[float, 
     assert result[0][0].item() == reference.item() == 0.0
 
 
+@pytest.mark.parametrize("meta", ["sgd", "lion", "auto"])
+def test_in_place_multi_tensor_meta_steps_equal_the_tensor_rule(meta: str) -> None:
+    """The CPU per-weight meta step updates β and the meta state in place, as update() would."""
+    rule = get_meta_rule(meta, 0.3, None, 1e-8)
+    assert rule.multi_tensor
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(3, 4), (5,), ()]
+    betas = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    states = _stacked_init(rule, betas)
+    tensors = [*betas, *(t for ts in states.values() for t in ts)]
+    for step in range(20):
+        zs = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+        zs[0].view(-1)[step % 12] = 0.0
+        expected = [
+            rule.update(b.clone(), z, {k: v[i].clone() for k, v in states.items()})
+            for i, (b, z) in enumerate(zip(betas, zs, strict=True))
+        ]
+        rule.foreach_update_(betas, [z.clone() for z in zs], states)
+        # β - η z and β + (-η) z (add's alpha, fused on some CPUs) may differ in the last bit.
+        for i, (new_beta, new_state) in enumerate(expected):
+            torch.testing.assert_close(betas[i], new_beta, rtol=1e-14, atol=1e-16)
+            for key, value in new_state.items():
+                torch.testing.assert_close(states[key][i], value, rtol=1e-15, atol=0)
+    # In place: the same tensors as before.
+    assert all(
+        a is b
+        for a, b in zip(tensors, [*betas, *(t for ts in states.values() for t in ts)], strict=True)
+    )
+
+
 def _stacked_init(rule: Any, beta: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     states = [rule.init_state(b) for b in beta]
     return {key: [s[key] for s in states] for key in states[0]}

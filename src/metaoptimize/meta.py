@@ -34,6 +34,8 @@ class MetaRule:
     betas_one_allowed: ClassVar[tuple[bool, ...]] = ()
     #: Default ``meta_lr`` (the paper's 1e-3 for the paper's rules).
     default_lr: ClassVar[float] = 1e-3
+    #: Whether :meth:`foreach_update_` is provided (else callers loop over :meth:`update`).
+    multi_tensor: ClassVar[bool] = False
 
     def __init__(self, meta_lr: float, betas: tuple[float, ...] | None, eps: float) -> None:
         self.meta_lr = meta_lr
@@ -64,15 +66,27 @@ class MetaRule:
         """
         return None
 
+    def foreach_update_(
+        self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> None:
+        """:meth:`update` on lists of tensors, in place (per-weight step sizes, a finite step).
+
+        One ``torch._foreach_*`` call per operation instead of one call per tensor, and as
+        few new parameter-sized tensors as the rule allows. ``betas`` and ``states`` are
+        updated; ``zs`` is scratch (overwritten). Provided where :attr:`multi_tensor` is True.
+        """
+        raise NotImplementedError(f"meta {self.name!r} has no multi-tensor form")
+
     def foreach_update(
         self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]] | None:
-        """:meth:`update` on lists of tensors (per-weight step sizes of many parameters).
-
-        One ``torch._foreach_*`` call per operation instead of one call per tensor; None: not
-        provided (the caller loops over :meth:`update`).
-        """
-        return None
+        """:meth:`foreach_update_` on copies (inputs are not modified); None: not provided."""
+        if not self.multi_tensor:
+            return None
+        new_betas = [beta.clone() for beta in betas]
+        new_states = {key: [t.clone() for t in tensors] for key, tensors in states.items()}
+        self.foreach_update_(new_betas, [z.clone() for z in zs], new_states)
+        return new_betas, new_states
 
 
 class Fixed(MetaRule):
@@ -92,9 +106,15 @@ class SGD(MetaRule):
     """``β ← β - η z`` (paper eq. 24)."""
 
     name = "sgd"
+    multi_tensor = True
 
     def update(self, beta: Tensor, z: Tensor, state: MetaState) -> tuple[Tensor, MetaState]:
         return beta - self.meta_lr * z, state
+
+    def foreach_update_(
+        self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> None:
+        torch._foreach_add_(betas, zs, alpha=-self.meta_lr)
 
 
 class RMSprop(MetaRule):
@@ -146,6 +166,7 @@ class Lion(MetaRule):
 
     name = "lion"
     default_betas = (0.9, 0.99)
+    multi_tensor = True
 
     def init_state(self, beta: Tensor) -> MetaState:
         return {"exp_avg": torch.zeros_like(beta)}
@@ -156,6 +177,17 @@ class Lion(MetaRule):
         exp_avg = state["exp_avg"]
         new_beta = beta - self.meta_lr * exp_avg.lerp(z, 1.0 - c).sign()
         return new_beta, {"exp_avg": exp_avg.lerp(z, 1.0 - rho)}
+
+    def foreach_update_(
+        self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> None:
+        assert self.betas is not None
+        c, rho = self.betas
+        exp_avgs = states["exp_avg"]
+        signs = torch._foreach_lerp(exp_avgs, zs, 1.0 - c)
+        torch._foreach_sign_(signs)
+        torch._foreach_add_(betas, signs, alpha=-self.meta_lr)
+        torch._foreach_lerp_(exp_avgs, zs, 1.0 - rho)
 
 
 class Auto(MetaRule):
@@ -184,6 +216,7 @@ class Auto(MetaRule):
     default_betas = (0.999, 1.0)
     betas_one_allowed = (False, True)
     default_lr = 0.5
+    multi_tensor = True
 
     def init_state(self, beta: Tensor) -> MetaState:
         zeros = torch.zeros_like(beta)
@@ -219,25 +252,33 @@ class Auto(MetaRule):
             new_sum.append(total)
         return new_beta, {"scale": new_scale, "sum_sq": new_sum}
 
-    def foreach_update(
+    def foreach_update_(
         self, betas: list[Tensor], zs: list[Tensor], states: dict[str, list[Tensor]]
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> None:
         assert self.betas is not None
         decay, keep = self.betas
         tiny = _smallest_positive(zs[0].dtype)
-        sizes = torch._foreach_abs(zs)
-        scales = torch._foreach_lerp(states["scale"], sizes, 1.0 - decay)
-        torch._foreach_maximum_(scales, sizes)
+        scales, sums = states["scale"], states["sum_sq"]
+        work = torch._foreach_abs(zs)  # |z|: the one new tensor per parameter
+        torch._foreach_lerp_(scales, work, 1.0 - decay)
+        torch._foreach_maximum_(scales, work)
         # The guards of update() as exact arithmetic: s >= |z|, so s = 0 only where z = 0,
         # and every positive s is >= tiny; likewise G >= ẑ², and sign(G) zeroes the step
         # where G = 0 (as the where does, also when ẑ² underflowed).
-        z_hat = torch._foreach_div(zs, torch._foreach_clamp_min(scales, tiny))
-        sum_sq = torch._foreach_mul(states["sum_sq"], keep)
-        torch._foreach_addcmul_(sum_sq, z_hat, z_hat)
-        steps = torch._foreach_mul(z_hat, torch._foreach_sign(sum_sq))
-        torch._foreach_div_(steps, torch._foreach_sqrt(torch._foreach_clamp_min(sum_sq, tiny)))
-        new_betas = torch._foreach_add(betas, steps, alpha=-self.meta_lr)
-        return list(new_betas), {"scale": list(scales), "sum_sq": list(sum_sq)}
+        torch._foreach_copy_(work, scales)
+        torch._foreach_clamp_min_(work, tiny)
+        torch._foreach_div_(zs, work)  # ẑ
+        if keep != 1.0:
+            torch._foreach_mul_(sums, keep)
+        torch._foreach_addcmul_(sums, zs, zs)
+        torch._foreach_copy_(work, sums)
+        torch._foreach_sign_(work)
+        torch._foreach_mul_(zs, work)
+        torch._foreach_copy_(work, sums)
+        torch._foreach_clamp_min_(work, tiny)
+        torch._foreach_sqrt_(work)
+        torch._foreach_div_(zs, work)  # ẑ / √G, 0 where G = 0
+        torch._foreach_add_(betas, zs, alpha=-self.meta_lr)
 
 
 def _smallest_positive(dtype: torch.dtype) -> float:

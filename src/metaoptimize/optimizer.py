@@ -621,7 +621,7 @@ class MetaOptimize(Optimizer):
                     self._step_size.rule,
                     [entry.state["log_alpha"] for entry in entries],
                     grads.weight,
-                    [_weight_meta_state(entry.state) for entry in entries],
+                    _weight_meta_states(entries),
                     finite if isinstance(finite, Tensor) else None,
                     self._step_size.bounds,
                     self._fused,
@@ -906,6 +906,7 @@ def _keep(active: Tensor, finite: Tensor | bool, all_active: bool) -> Tensor | N
     return None if all_active else active
 
 
-def _weight_meta_state(state: dict[str, Any]) -> dict[str, Tensor]:
-    """The meta rule's state of per-weight step sizes, stored in the parameter's state."""
-    return {k[len(_META_PREFIX) :]: v for k, v in state.items() if k.startswith(_META_PREFIX)}
+def _weight_meta_states(entries: list[Entry]) -> dict[str, list[Tensor]]:
+    """The meta rule's state of per-weight step sizes (kept in each parameter's state), by key."""
+    keys = [k for k in entries[0].state if k.startswith(_META_PREFIX)]
+    return {k[len(_META_PREFIX) :]: [e.state[k] for e in entries] for k in keys}

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from metaoptimize.base import BaseRule, Quotient, Scalars, TensorList, has_decay
+from metaoptimize.base import BaseRule, Quotient, Scalars, TensorList, has_decay, operand
 
 __all__ = ["foreach_parameter_step"]
 
@@ -62,10 +62,12 @@ def foreach_parameter_step(
     u, slopes = rule.foreach_direction(params, grads, states, group, ok)
     kappa = group["weight_decay"]
     host = isinstance(alphas[0], float)
-    if isinstance(u, Quotient) and not host:  # per-weight step sizes: α is a tensor
-        u = u.formed()
-    if isinstance(u, Quotient):
-        delta = _quotient_delta(u, params, cast("list[float]", alphas), kappa if decoupled else 0.0)
+    decoupled_kappa = kappa if decoupled else 0.0
+    if isinstance(u, Quotient) and host:
+        delta = _quotient_delta(u, params, cast("list[float]", alphas), decoupled_kappa)
+    elif isinstance(u, Quotient):  # per-weight step sizes: -(u + κ w), then times α
+        delta = _quotient_delta(u, params, [1.0] * len(params), decoupled_kappa)
+        torch._foreach_mul_(delta, cast("list[Tensor]", alphas))
     else:
         neg_alphas = [-float(a) for a in alphas] if host else torch._foreach_neg(alphas)  # type: ignore[arg-type]
         if decoupled and kappa:
@@ -76,13 +78,17 @@ def foreach_parameter_step(
     if with_trace:
         traces = [s["trace"] for s in states]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)
-        if has_decay(kappa):
+        if has_decay(kappa) and decoupled and not host:
+            # γ (1 - α κ) h as γh - κ α (γh): no decay tensors (α is a tensor here).
+            if not (isinstance(gamma, float) and gamma == 1.0):
+                torch._foreach_mul_(traces, operand(gamma, traces))
+            torch._foreach_addcmul_(traces, cast("list[Tensor]", alphas), traces, value=-kappa)
+        elif has_decay(kappa):
             # 1 - α κ ∂u/∂g̃ (docs/math.md §4); ∂u/∂g̃ = 1 for decoupled decay.
-            torch._foreach_mul_(
-                traces, _trace_decays(alphas, kappa, None if decoupled else slopes, gamma)
-            )
-        else:
-            torch._foreach_mul_(traces, gamma)
+            decays = _trace_decays(alphas, kappa, None if decoupled else slopes, gamma)
+            torch._foreach_mul_(traces, operand(decays, traces))
+        elif not (isinstance(gamma, float) and gamma == 1.0):
+            torch._foreach_mul_(traces, operand(gamma, traces))
         torch._foreach_add_(traces, delta)
     torch._foreach_add_(params, delta)
 
@@ -94,9 +100,9 @@ def _quotient_delta(
     values = [-a * s for a, s in zip(alphas, u.scales, strict=True)]
     if not kappa:
         delta = torch._foreach_div(u.numerators, u.denominators)
-        torch._foreach_mul_(delta, values)
+        torch._foreach_mul_(delta, operand(values, delta))
         return delta
-    delta = torch._foreach_mul(params, [-a * kappa for a in alphas])
+    delta = torch._foreach_mul(params, operand([-a * kappa for a in alphas], params))
     torch._foreach_addcdiv_(delta, u.numerators, u.denominators, values)
     return delta
 
@@ -113,12 +119,14 @@ def _trace_decays(
             for a, s in zip(alphas, slope_values, strict=True)
         ]
         return factors
+    # -(α κ s) built in one new list: negating is exact, so this is 1 - α κ s to the bit.
     if isinstance(alphas[0], float):  # elementwise slopes, scalar step sizes
-        scaled = torch._foreach_mul(slopes, [float(a) * kappa for a in alphas])  # type: ignore[arg-type]
+        decays = torch._foreach_mul(slopes, [-float(a) * kappa for a in alphas])  # type: ignore[arg-type]
     else:
-        scaled = torch._foreach_mul(alphas, kappa)
-        if slopes is not None:
-            scaled = torch._foreach_mul(scaled, slopes)
-    decays = torch._foreach_add(torch._foreach_neg(scaled), 1.0)
-    torch._foreach_mul_(decays, gamma)
+        decays = torch._foreach_mul(alphas, -kappa)
+        if slopes is not None:  # (α κ) s; α may be 0-d
+            decays = torch._foreach_mul(decays, slopes)
+    torch._foreach_add_(decays, 1.0)
+    if not (isinstance(gamma, float) and gamma == 1.0):
+        torch._foreach_mul_(decays, gamma)
     return decays

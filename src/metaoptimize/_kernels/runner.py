@@ -27,7 +27,7 @@ from metaoptimize._kernels.eager import meta_step, parameter_step
 from metaoptimize._kernels.foreach import foreach_parameter_step
 from metaoptimize._kernels.triton import triton_parameter_step
 from metaoptimize._types import Entry
-from metaoptimize.base import BaseRule, Scalars, is_decoupled
+from metaoptimize.base import BaseRule, Scalars, is_decoupled, operand
 from metaoptimize.meta import MetaRule
 
 if TYPE_CHECKING:
@@ -237,7 +237,8 @@ class KernelRunner:
         alphas: Scalars
         if scalars.per_weight:
             alphas = torch._foreach_exp([e.state["log_alpha"] for e in bucket])
-            torch._foreach_mul_(alphas, scale)
+            if not (isinstance(scale, float) and scale == 1.0):  # lr 1: exp(β) is α
+                torch._foreach_mul_(alphas, operand(scale, alphas))
         elif scalars.host:
             alphas = [scalars.alpha_values[e.block] * group["lr"] for e in bucket]
         else:
@@ -274,25 +275,30 @@ class KernelRunner:
         rule: MetaRule,
         log_alphas: list[Tensor],
         zs: list[Tensor],
-        states: list[dict[str, Tensor]],
+        states: dict[str, list[Tensor]],
         finite: Tensor | None,
         bounds: tuple[float, float],
         fused: bool,
     ) -> None:
-        """The meta steps of per-weight step sizes, in place.
+        """The meta steps of per-weight step sizes (meta state lists by key), in place.
 
         One multi-tensor update when the rule has one and the tensors share a device and
         dtype (not with ``fused``, which compiles each parameter's); else one per parameter.
-        ``finite=None``: the step is known to be finite (decided on the host).
+        ``finite=None``: the step is known to be finite (decided on the host), so the update
+        is made in place and ``zs`` are overwritten.
         """
         places = {(t.device, t.dtype) for t in (*log_alphas, *zs)}
-        if not fused and len(places) == 1:
-            lists = {key: [state[key] for state in states] for key in states[0]}
-            result = rule.foreach_update(log_alphas, zs, lists)
-            if result is not None:
-                _write_weight_meta_step(log_alphas, lists, result, finite, bounds)
+        if rule.multi_tensor and not fused and len(places) == 1:
+            if finite is None:
+                rule.foreach_update_(log_alphas, zs, states)
+                _clamp_(log_alphas, bounds)
                 return
-        for log_alpha, z, state in zip(log_alphas, zs, states, strict=True):
+            result = rule.foreach_update(log_alphas, zs, states)
+            assert result is not None
+            _write_weight_meta_step(log_alphas, states, result, finite, bounds)
+            return
+        for index, (log_alpha, z) in enumerate(zip(log_alphas, zs, strict=True)):
+            state = {key: tensors[index] for key, tensors in states.items()}
             if finite is None:  # the compiled meta step takes the flag as a tensor
                 keep = torch.ones((), dtype=torch.bool, device=z.device)
             else:
@@ -331,21 +337,23 @@ def _write_weight_meta_step(
     log_alphas: list[Tensor],
     states: dict[str, list[Tensor]],
     result: tuple[list[Tensor], dict[str, list[Tensor]]],
-    finite: Tensor | None,
+    finite: Tensor,
     bounds: tuple[float, float],
 ) -> None:
     """Clamp the new log step sizes and write them and the meta state where the step counts."""
     new_betas, new_states = result
-    low, high = bounds
-    if low > float("-inf"):
-        torch._foreach_clamp_min_(new_betas, low)
-    if high < float("inf"):
-        torch._foreach_clamp_max_(new_betas, high)
+    _clamp_(new_betas, bounds)
     pairs = [(log_alphas, new_betas), *((states[key], new_states[key]) for key in new_states)]
     for old, new in pairs:
-        if finite is None:
-            torch._foreach_copy_(old, new)
-            continue
         keep = finite.to(old[0].device)
         for target, value in zip(old, new, strict=True):
             target.copy_(torch.where(keep, value, target))
+
+
+def _clamp_(log_alphas: list[Tensor], bounds: tuple[float, float]) -> None:
+    """Clamp log step sizes into ``bounds`` in place (infinite bounds: untouched)."""
+    low, high = bounds
+    if low > float("-inf"):
+        torch._foreach_clamp_min_(log_alphas, low)
+    if high < float("inf"):
+        torch._foreach_clamp_max_(log_alphas, high)

@@ -30,6 +30,7 @@ from metaoptimize.base._rule import (
     TensorList,
     has_decay,
     is_decoupled,
+    operand,
     state_dtype,
 )
 from metaoptimize.base.adam import Adam, AdamW, adam_l2_slope
@@ -49,6 +50,7 @@ __all__ = [
     "get_base_rule",
     "has_decay",
     "is_decoupled",
+    "operand",
     "rmsprop_l2_slope",
     "state_dtype",
 ]

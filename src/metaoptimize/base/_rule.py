@@ -22,6 +22,7 @@ __all__ = [
     "TensorList",
     "has_decay",
     "is_decoupled",
+    "operand",
     "state_dtype",
 ]
 
@@ -32,6 +33,34 @@ Slope = Tensor | float | None
 TensorList = list[Tensor] | tuple[Tensor, ...]
 #: Per-tensor scalars of the multi-tensor form: 0-d tensors, or Python floats (host scalars).
 Scalars = TensorList | list[float]
+
+
+#: Dtypes whose scalar ``_foreach_*`` operands :func:`operand` turns into tensors.
+_TENSOR_OPERAND_DTYPES = (torch.float32, torch.float64)
+
+
+def operand(value: float | Tensor | Scalars, like: TensorList) -> Any:
+    """A Python scalar, or one per tensor, as the operand of a ``_foreach_*`` op on ``like``.
+
+    On CPU the multi-tensor ops wrap a Python scalar into a new tensor for every tensor of the
+    list, which costs 2-4x the same op with a tensor operand (torch.optim wraps its step
+    increment once for the same reason). There the scalars become 0-d tensors of the list's
+    dtype, which is the precision the scalar forms compute in, so no value changes. Other
+    devices (fused multi-tensor kernels) and dtypes keep the Python scalars, and tensors are
+    returned as they are.
+    """
+    if not like or like[0].device.type != "cpu" or like[0].dtype not in _TENSOR_OPERAND_DTYPES:
+        return value
+    if isinstance(value, Tensor):
+        return value
+    dtype = like[0].dtype
+    if isinstance(value, list | tuple):
+        if not value or isinstance(value[0], Tensor):
+            return value
+        if any(v != value[0] for v in value):
+            return list(torch.tensor(value, dtype=dtype).unbind())
+        value = value[0]
+    return [torch.tensor(value, dtype=dtype)] * len(like)
 
 
 class Quotient(NamedTuple):
@@ -49,7 +78,7 @@ class Quotient(NamedTuple):
     def formed(self) -> list[Tensor]:
         """``u`` itself."""
         u = torch._foreach_div(self.numerators, self.denominators)
-        torch._foreach_mul_(u, self.scales)
+        torch._foreach_mul_(u, operand(self.scales, u))
         return list(u)
 
 
@@ -140,10 +169,11 @@ def foreach_ema_(averages: TensorList, inputs: TensorList, weight: Tensor | floa
 
 def foreach_ema_square_(averages: TensorList, inputs: TensorList, weight: Tensor | float) -> None:
     """``a ← (1-w) a + w x²`` in place, as :func:`metaoptimize._math.ema_square_` (overflow-safe)."""
-    torch._foreach_mul_(averages, 1.0 - weight)
     if isinstance(weight, float):
+        torch._foreach_mul_(averages, operand(1.0 - weight, averages))
         torch._foreach_addcmul_(averages, inputs, inputs, value=weight)
         return
+    torch._foreach_mul_(averages, 1.0 - weight)
     torch._foreach_addcmul_(averages, torch._foreach_mul(inputs, weight), inputs)
 
 
@@ -154,7 +184,7 @@ def foreach_add_(tensors: TensorList, value: Tensor | float) -> None:
     read), so a tensor ``value`` goes in as a list.
     """
     if isinstance(value, float):
-        torch._foreach_add_(tensors, value)
+        torch._foreach_add_(tensors, operand(value, tensors))
     else:
         torch._foreach_add_(tensors, [value] * len(tensors))
 
@@ -170,7 +200,9 @@ def step_counts(steps: TensorList, ok: Tensor | float) -> Scalars:
 def foreach_bias_corrections(beta: float, counts: Scalars) -> Scalars:
     """``1 - β^max(t, 1)`` per tensor (as :func:`bias_correction`), floats for float counts."""
     if counts and isinstance(counts[0], float):
-        return [_host_bias_correction(beta, float(t)) for t in counts]
+        # The tensors of a group have mostly one step count: one power per distinct count.
+        corrections = {t: _host_bias_correction(beta, float(t)) for t in set(counts)}
+        return [corrections[t] for t in counts]
     powers = torch._foreach_pow(beta, torch._foreach_clamp_min(counts, 1.0))  # type: ignore[arg-type]
     return torch._foreach_add(torch._foreach_neg(powers), 1.0)
 

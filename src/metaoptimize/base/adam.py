@@ -26,6 +26,7 @@ from metaoptimize.base._rule import (
     foreach_sqrt_scalars,
     has_decay,
     l2,
+    operand,
     safe_div,
     sqrt_scalar,
     step_counts,
@@ -134,7 +135,7 @@ class Adam(BaseRule):
             # u = m (√c2/c1) / (√v + ε√c2), as the per-tensor host path, left as a quotient.
             roots2 = cast("list[float]", foreach_sqrt_scalars(bias2))
             eps = group["eps"]
-            torch._foreach_add_(rms, [eps * r for r in roots2])
+            torch._foreach_add_(rms, operand([eps * r for r in roots2], rms))
             scales = [r / b for r, b in zip(roots2, cast("list[float]", bias1), strict=True)]
             return Quotient(exp_avgs, rms, scales), None
         torch._foreach_div_(rms, foreach_sqrt_scalars(bias2))  # sqrt(v̂)

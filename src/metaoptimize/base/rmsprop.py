@@ -22,6 +22,7 @@ from metaoptimize.base._rule import (
     has_decay,
     l2,
     lean_slope,
+    operand,
     safe_div,
     step_counts,
     step_state,
@@ -172,7 +173,7 @@ class RMSprop(BaseRule):
         u: TensorList = torch._foreach_div(g, denoms)
         if group["momentum"] > 0.0:
             bufs = [s["momentum_buffer"] for s in states]
-            torch._foreach_mul_(bufs, 1.0 + ok * (group["momentum"] - 1.0))
+            torch._foreach_mul_(bufs, operand(1.0 + ok * (group["momentum"] - 1.0), bufs))
             torch._foreach_add_(bufs, torch._foreach_mul(u, ok))
             u = bufs
         if not kappa:

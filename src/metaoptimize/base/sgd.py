@@ -16,6 +16,7 @@ from metaoptimize.base._rule import (
     foreach_l2,
     has_decay,
     l2,
+    operand,
     step_counts,
     step_state,
     zeros_state,
@@ -148,10 +149,12 @@ class SGDMomentum(BaseRule):
         dampening = group["dampening"]
         # torch.optim.SGD starts the buffer at g̃ (no dampening on the first step).
         coefs: Scalars
-        torch._foreach_mul_(bufs, 1.0 + ok * (mu - 1.0))
+        torch._foreach_mul_(bufs, operand(1.0 + ok * (mu - 1.0), bufs))
         if isinstance(ok, float):
             host_coefs = [1.0 - dampening * float(t > 0) for t in step_counts(steps, ok)]
-            torch._foreach_add_(bufs, torch._foreach_mul(g, [c * ok for c in host_coefs]))
+            torch._foreach_add_(
+                bufs, torch._foreach_mul(g, operand([c * ok for c in host_coefs], g))
+            )
             coefs = host_coefs
         else:
             started = torch.stack(steps) > 0
