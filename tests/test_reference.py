@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import pytest
@@ -97,6 +98,26 @@ def test_host_and_device_scalar_paths_agree_in_float32(blocks: str) -> None:
     values, state = host._step_size._floats()
     assert values == host._step_size.values.tolist()
     assert state == {key: value.tolist() for key, value in host._step_size.state.items()}
+
+
+def test_cpu_meta_steps_write_the_step_sizes_when_they_are_read() -> None:
+    """A run of CPU meta steps keeps the step sizes as floats and writes the tensors only when
+    they are read; a write from outside is seen by the next step."""
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters(), blocks="tensor", meta_lr=0.05)
+    data = batches(4)
+    step_together(((model, opt),), data[0])
+    stored = opt._step_size._values
+    version = stored._version
+    for batch in data[1:]:
+        step_together(((model, opt),), batch)
+    assert stored._version == version  # three meta steps, nothing written
+    floats = opt._step_size._floats()[0]
+    assert opt._step_size.values.tolist() == floats  # written on reading
+    assert stored._version > version
+    opt._step_size.values.fill_(math.log(0.01))
+    assert opt._step_size._floats()[0] == pytest.approx([math.log(0.01)] * 4)
+    assert flat_step_sizes(opt).tolist() == pytest.approx([0.01] * 4)
 
 
 @pytest.mark.parametrize("blocks", ["scalar", "tensor"])

@@ -28,16 +28,19 @@ def _run(optimizer: MetaOptimize, weights: list[torch.Tensor], grads: list[Any])
         optimizer.step()
 
 
-def test_a_state_dict_saved_in_format_1_continues_bitwise() -> None:
+def test_a_state_dict_saved_in_format_1_continues() -> None:
+    """The release that wrote the file continued it to these weights. The format is fixed; the
+    arithmetic may change in the last bits between releases (within one, resuming is bitwise:
+    see the tests below), so the continuation is compared to float64 rounding."""
     saved = torch.load(FIXTURE, weights_only=True)  # plain tensors only: no code runs
     weights = [w.clone().requires_grad_() for w in saved["weights"]]
     optimizer = MetaOptimize(weights, **saved["constructor"])
     optimizer.load_state_dict(saved["state_dict"])
     _run(optimizer, weights, saved["grads"])
     for mine, theirs in zip(weights, saved["final_weights"], strict=True):
-        assert torch.equal(mine.detach(), theirs)
+        torch.testing.assert_close(mine.detach(), theirs, rtol=1e-12, atol=1e-14)
     for name, alpha in optimizer.step_sizes().items():
-        assert torch.equal(alpha, saved["final_step_sizes"][name])
+        torch.testing.assert_close(alpha, saved["final_step_sizes"][name], rtol=1e-12, atol=0)
 
 
 def _trained(seed: int = 0, steps: int = 5, **kwargs: Any) -> tuple[MetaOptimize, list[Any]]:

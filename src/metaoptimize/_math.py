@@ -9,15 +9,50 @@ too, and so is the derivative of the step in that direction (docs/math.md §13).
 from __future__ import annotations
 
 import contextlib
+import functools
 from array import array
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["as_dtype", "ema_square", "ema_square_", "forward_mode", "sqrt"]
+__all__ = [
+    "as_dtype",
+    "ema_square",
+    "ema_square_",
+    "forward_mode",
+    "host_constant",
+    "sqrt",
+    "takes_tensor_operands",
+]
 
 _FORWARD_MODE = False
+
+
+#: Dtypes whose Python-scalar operands :func:`host_constant` turns into tensors.
+_TENSOR_OPERAND_DTYPES = (torch.float32, torch.float64)
+
+
+def host_constant(value: float, like: Tensor) -> Tensor | float:
+    """``value`` as the scalar operand of an in-place op on the CPU tensor ``like``.
+
+    On CPU an in-place op with a Python scalar (``mul_(0.999)``) wraps it into a new tensor
+    every call, 2-3x the time of the same op with a tensor operand on a small tensor. A 0-d
+    tensor of ``like``'s dtype computes the same values (the scalar forms compute in that dtype
+    too); it is cached per value, so fixed hyperparameters are built once. Other devices and
+    dtypes keep the Python scalar.
+    """
+    return _cpu_scalar(value, like.dtype) if takes_tensor_operands(like) else value
+
+
+def takes_tensor_operands(like: Tensor) -> bool:
+    """Whether scalar operands of ops on ``like`` go in as 0-d tensors (CPU float32/float64)."""
+    return like.is_cpu and like.dtype in _TENSOR_OPERAND_DTYPES
+
+
+@functools.lru_cache(maxsize=256)
+def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(value, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -51,7 +86,8 @@ def ema_square_(average: Tensor, value: Tensor, weight: Tensor | float) -> Tenso
     ``w`` (host scalars: never a skipped step) takes torch.optim's exact form.
     """
     if isinstance(weight, float):
-        return average.mul_(1.0 - weight).addcmul_(value, value, value=weight)
+        keep = host_constant(1.0 - weight, average)
+        return average.mul_(keep).addcmul_(value, value, value=weight)
     return average.mul_(1.0 - weight).addcmul_(value * weight, value)
 
 

@@ -128,6 +128,7 @@ def base_step_with_tangent(
             for key, value in state.items()
         }
         u, _ = rule.direction(w, g, dual_state, group, ok)
+        assert isinstance(u, Tensor)  # ok is a tensor: no host-scalar quotient
         kappa = group["weight_decay"]
         if decoupled and kappa:
             u = u + kappa * w

@@ -39,14 +39,43 @@ class MetaParameter:
     def __init__(self, rule: MetaRule, bounds: tuple[float, float], initial: Tensor) -> None:
         self.rule = rule
         self.bounds = bounds
-        self.values = initial
-        self.state: dict[str, Tensor] = rule.init_state(initial)
+        self._values = initial
+        self._state: dict[str, Tensor] = rule.init_state(initial)
         # Python floats of values and state for the CPU meta step (see _floats).
         self._mirror: tuple[list[float], dict[str, list[float]]] | None = None
         self._mirror_versions: list[tuple[Tensor, int]] = []
+        # Rows of floats a CPU meta step computed and the tensors do not hold yet (_flush).
+        self._pending: list[list[float]] | None = None
+
+    @property
+    def values(self) -> Tensor:
+        """The log values, one per block (current: a pending CPU meta step is written first)."""
+        self._flush()
+        return self._values
+
+    @values.setter
+    def values(self, values: Tensor) -> None:
+        self._flush()
+        self._values = values
+
+    @property
+    def state(self) -> dict[str, Tensor]:
+        """The meta rule's state, by key (current, as :attr:`values`)."""
+        self._flush()
+        return self._state
+
+    @state.setter
+    def state(self, state: dict[str, Tensor]) -> None:
+        self._flush()
+        self._state = state
 
     def __len__(self) -> int:
-        return self.values.numel()
+        return self._values.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The values' dtype (reading it writes nothing)."""
+        return self._values.dtype
 
     def exp(self) -> Tensor:
         """The meta-parameters themselves (``e^β``)."""
@@ -79,15 +108,19 @@ class MetaParameter:
 
     def host_exp(self) -> list[float]:
         """:meth:`exp` as Python floats in the values' precision (CPU; read once per change)."""
-        return round_floats([math.exp(v) for v in self._floats()[0]], self.values.dtype)
+        return round_floats([math.exp(v) for v in self._floats()[0]], self._values.dtype)
 
     def _floats(self) -> tuple[list[float], dict[str, list[float]]]:
         """The values and the meta state as floats, from the mirror while it is current.
 
-        The mirror is current while every tensor is the one it was read from, unmodified
-        since (``_version`` counts in-place writes, from anyone: ``load_state_dict``, a test).
+        The mirror is current while a CPU meta step's floats wait to be written, or while
+        every tensor is the one it was read from, unmodified since (``_version`` counts
+        in-place writes, from anyone: ``load_state_dict``, a test).
         """
-        tensors = (self.values, *self.state.values())
+        if self._pending is not None:
+            assert self._mirror is not None
+            return self._mirror
+        tensors = (self._values, *self._state.values())
         seen = self._mirror_versions
         if (
             self._mirror is None
@@ -98,37 +131,48 @@ class MetaParameter:
             )
         ):
             self._mirror = (
-                self.values.tolist(),
-                {key: value.tolist() for key, value in self.state.items()},
+                self._values.tolist(),
+                {key: value.tolist() for key, value in self._state.items()},
             )
             self._mirror_versions = [(t, t._version) for t in tensors]
         return self._mirror
 
     def _host_step(self, z: list[float]) -> bool:
-        """The meta step on Python floats (CPU); False when the rule has no float form."""
+        """The meta step on Python floats (CPU); False when the rule has no float form.
+
+        The new floats become the mirror at once; the tensors are written when next read
+        (:meth:`_flush`), so a run of CPU steps writes nothing.
+        """
         values, state = self._floats()
         result = self.rule.update_floats(values, z, state)
         if result is None:
             return False
         new_values, new_state = result
         low, high = self.bounds
-        dtype = self.values.dtype
+        dtype = self._values.dtype
         rows = [
             round_floats([min(max(v, low), high) for v in new_values], dtype),
-            *(round_floats(new_state[key], dtype) for key in self.state),
+            *(round_floats(new_state[key], dtype) for key in self._state),
         ]
-        targets = [self.values, *self.state.values()]
+        self._mirror = (rows[0], dict(zip(self._state, rows[1:], strict=True)))
+        self._pending = rows
+        return True
+
+    def _flush(self) -> None:
+        """Write a pending CPU meta step into the tensors."""
+        rows, self._pending = self._pending, None
+        if rows is None:
+            return
+        targets = [self._values, *self._state.values()]
         if len(self) == 1:  # fill_ takes the float directly: no tensor to build
             for target, row in zip(targets, rows, strict=True):
                 target.fill_(row[0])
         else:
-            written = torch.tensor(rows, dtype=dtype)
+            written = torch.tensor(rows, dtype=self._values.dtype)
             for target, row_values in zip(targets, written, strict=True):
                 target.copy_(row_values)
         # The floats just written are the tensors' values: the mirror stays current.
-        self._mirror = (rows[0], dict(zip(self.state, rows[1:], strict=True)))
         self._mirror_versions = [(t, t._version) for t in targets]
-        return True
 
     def saved(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Copies of the values and the meta state, for a state dict."""

@@ -550,7 +550,7 @@ class MetaOptimize(Optimizer):
             meta_active=self._step_size.rule.active,
             learn_weight_decay=self._learn_wd,
             home=self._home,
-            dtype=self._step_size.values.dtype,
+            dtype=self._step_size.dtype,
             reduce_group=reduce_group,
             reduce_blocks=self._sharding.partition_group is None
             or layout.mode in ("scalar", "group"),

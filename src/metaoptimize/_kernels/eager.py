@@ -13,8 +13,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from metaoptimize._math import as_dtype
-from metaoptimize.base import BaseRule, has_decay
+from metaoptimize._math import as_dtype, host_constant
+from metaoptimize.base import BaseRule, Quotient, has_decay
 from metaoptimize.meta import MetaRule
 
 __all__ = ["meta_step", "parameter_step"]
@@ -56,10 +56,15 @@ def parameter_step(
     if weight_decay is not None:  # the rule reads κ from the group for its L2 term
         group = {**group, "weight_decay": weight_decay}
     u, slope = rule.direction(param, grad, state, group, ok)
+    kappa = group["weight_decay"]  # a float, or a 0-d tensor when it is learned
+    if isinstance(u, Quotient):  # host scalars: u = s m / d
+        if _host_quotient_step(u, param, state, group, alpha, with_trace, decoupled):
+            return
+        (m,), (d,), (s,) = u
+        u = torch.div(m, d, out=d).mul_(s)
     # A direction that is neither the gradient nor a state tensor is a temporary of the rule:
     # the update is built in it rather than in a new allocation.
     own = u is not grad and all(u is not value for value in state.values())
-    kappa = group["weight_decay"]  # a float, or a 0-d tensor when it is learned
     if decoupled and isinstance(kappa, Tensor):
         delta = (u + kappa * as_dtype(param, u.dtype)).mul_(-alpha)
     elif decoupled and kappa:
@@ -99,6 +104,45 @@ def parameter_step(
         param.copy_(new)
     else:
         param.add_(as_dtype(delta, param.dtype))
+
+
+def _host_quotient_step(
+    u: Quotient,
+    param: Tensor,
+    state: dict[str, Tensor],
+    group: dict[str, Any],
+    alpha: Tensor | float,
+    with_trace: bool,
+    decoupled: bool,
+) -> bool:
+    """:func:`parameter_step`'s trace and weight step from ``u = s m / d`` (host scalars).
+
+    ``Δ = -α s m/d - α κ w`` (decoupled decay) is added to the trace and to the weights by
+    ``addcdiv``, whose ``value`` takes the scalars: no step tensor is formed and no scalar is
+    wrapped into a tensor. The trace reads ``w`` before the weights move. False, with nothing
+    done, where the general path is needed (per-weight step sizes, a learned weight decay,
+    Kahan summation, a trace or state in another dtype).
+    """
+    (numerator,), (denominator,), (scale,) = u
+    kappa = group["weight_decay"] if decoupled else 0.0  # an L2 decay is in u already
+    trace = state["trace"] if with_trace else None
+    if not (isinstance(alpha, float) and isinstance(kappa, float)):
+        return False
+    if "kahan_comp" in state or "wd_trace" in state or denominator.dtype != param.dtype:
+        return False
+    if trace is not None and trace.dtype != param.dtype:
+        return False
+    value, gamma = -alpha * scale, group["gamma"]
+    if trace is not None:
+        if kappa:  # ∂w_{t+1}/∂w_t = 1 - α κ (docs/math.md, "Decay factors")
+            trace.mul_(gamma * (1.0 - alpha * kappa)).add_(param, alpha=-alpha * kappa)
+        elif gamma != 1.0:
+            trace.mul_(host_constant(gamma, trace))
+        trace.addcdiv_(numerator, denominator, value=value)
+    if kappa:
+        param.add_(param, alpha=-alpha * kappa)
+    param.addcdiv_(numerator, denominator, value=value)
+    return True
 
 
 def meta_step(

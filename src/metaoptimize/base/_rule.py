@@ -13,6 +13,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from metaoptimize._math import host_constant, takes_tensor_operands
+
 __all__ = [
     "BaseRule",
     "Group",
@@ -35,40 +37,37 @@ TensorList = list[Tensor] | tuple[Tensor, ...]
 Scalars = TensorList | list[float]
 
 
-#: Dtypes whose scalar ``_foreach_*`` operands :func:`operand` turns into tensors.
-_TENSOR_OPERAND_DTYPES = (torch.float32, torch.float64)
-
-
 def operand(value: float | Tensor | Scalars, like: TensorList) -> Any:
     """A Python scalar, or one per tensor, as the operand of a ``_foreach_*`` op on ``like``.
 
     On CPU the multi-tensor ops wrap a Python scalar into a new tensor for every tensor of the
     list, which costs 2-4x the same op with a tensor operand (torch.optim wraps its step
     increment once for the same reason). There the scalars become 0-d tensors of the list's
-    dtype, which is the precision the scalar forms compute in, so no value changes. Other
-    devices (fused multi-tensor kernels) and dtypes keep the Python scalars, and tensors are
-    returned as they are.
+    dtype (:func:`~metaoptimize._math.host_constant`), which is the precision the scalar forms
+    compute in, so no value changes. Other devices (fused multi-tensor kernels) and dtypes keep
+    the Python scalars, and tensors are returned as they are.
     """
-    if not like or like[0].device.type != "cpu" or like[0].dtype not in _TENSOR_OPERAND_DTYPES:
+    if not like or isinstance(value, Tensor):
         return value
-    if isinstance(value, Tensor):
-        return value
-    dtype = like[0].dtype
     if isinstance(value, list | tuple):
         if not value or isinstance(value[0], Tensor):
             return value
         if any(v != value[0] for v in value):
-            return list(torch.tensor(value, dtype=dtype).unbind())
+            if not takes_tensor_operands(like[0]):
+                return value
+            return list(torch.tensor(value, dtype=like[0].dtype).unbind())
         value = value[0]
-    return [torch.tensor(value, dtype=dtype)] * len(like)
+    scalar = host_constant(float(value), like[0])
+    return value if isinstance(scalar, float) else [scalar] * len(like)
 
 
 class Quotient(NamedTuple):
-    """A multi-tensor direction left unformed: ``u = scale · numerator / denominator``.
+    """A direction left unformed: ``u = scale · numerator / denominator``, per tensor.
 
-    Host scalars only. The optimizer forms the whole update ``-α (u + κ w)`` from it with one
-    ``addcdiv`` (whose ``value`` takes the scale), where forming ``u`` first would cost two
-    more passes over every tensor.
+    Host scalars only (from :meth:`BaseRule.foreach_direction`, or one tensor long from
+    :meth:`BaseRule.direction`). The optimizer forms the whole update ``-α (u + κ w)`` from it
+    with ``addcdiv`` (whose ``value`` takes the scale), where forming ``u`` first would cost
+    two more passes over every tensor. The denominators are the rule's own temporaries.
     """
 
     numerators: TensorList
@@ -107,10 +106,19 @@ def lean_slope(a: Tensor, b: Tensor, c: float, rms: Tensor, denom: Tensor, c1: f
 
 def bias_correction(beta: float, step: Tensor, ok: Tensor | float) -> Tensor | float:
     """``1 - β^t``: a Python float with host scalars (``ok`` a float), else a 0-d tensor."""
+    return bias_corrections((beta,), step, ok)[0]
+
+
+def bias_corrections(
+    betas: tuple[float, ...], step: Tensor, ok: Tensor | float
+) -> list[Tensor] | list[float]:
+    """:func:`bias_correction` for several betas, reading the step counter once."""
     if isinstance(ok, float):
-        return _host_bias_correction(beta, step.item())
+        count = step.item()
+        return [_host_bias_correction(beta, count) for beta in betas]
     # step is clamped to 1 so a step skipped before any real step never divides by zero.
-    return 1.0 - torch.pow(beta, step.clamp_min(1.0))
+    clamped = step.clamp_min(1.0)
+    return [1.0 - torch.pow(beta, clamped) for beta in betas]
 
 
 def _host_bias_correction(beta: float, step: float) -> float:
@@ -258,8 +266,12 @@ class BaseRule:
         state: dict[str, Tensor],
         group: Group,
         ok: Tensor | float,
-    ) -> tuple[Tensor, Slope]:
-        """Update the rule's state in place and return ``(u, ∂u/∂g̃ or None)``."""
+    ) -> tuple[Tensor | Quotient, Slope]:
+        """Update the rule's state in place and return ``(u, ∂u/∂g̃ or None)``.
+
+        With host scalars (``ok`` a float) and no slope, ``u`` may come as a one-tensor
+        :class:`Quotient`.
+        """
         raise NotImplementedError
 
     def foreach_direction(

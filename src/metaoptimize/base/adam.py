@@ -8,7 +8,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from metaoptimize._math import ema_square_, sqrt
+from metaoptimize._math import ema_square_, host_constant, sqrt
 from metaoptimize.base._rule import (
     BaseRule,
     Group,
@@ -16,7 +16,7 @@ from metaoptimize.base._rule import (
     Scalars,
     Slope,
     TensorList,
-    bias_correction,
+    bias_corrections,
     foreach_add_,
     foreach_bias_corrections,
     foreach_ema_,
@@ -71,24 +71,24 @@ class Adam(BaseRule):
         state: dict[str, Tensor],
         group: Group,
         ok: Tensor | float,
-    ) -> tuple[Tensor, Slope]:
+    ) -> tuple[Tensor | Quotient, Slope]:
         beta1, beta2 = group["betas"]
         kappa = group["weight_decay"] if not self.decoupled_weight_decay else 0.0
         g = l2(grad, param, kappa)
         step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        step.add_(ok)
+        step.add_(ok if isinstance(ok, Tensor) else host_constant(ok, step))
         exp_avg.lerp_(g, ok * (1.0 - beta1))
         ema_square_(exp_avg_sq, g, ok * (1.0 - beta2))
-        bias1 = bias_correction(beta1, step, ok)
-        bias2 = bias_correction(beta2, step, ok)
+        bias1, bias2 = bias_corrections((beta1, beta2), step, ok)
         if isinstance(bias1, float) and isinstance(bias2, float):  # host scalars
             if not has_decay(kappa):
-                # u = m̂/(√v̂+ε) = m (√c2/c1) / (√v + ε√c2), c = bias corrections, in one
-                # temporary and four calls (each call on a small tensor costs more than its
-                # arithmetic; each large allocation, page faults).
+                # u = m̂/(√v̂+ε) = (√c2/c1) m / (√v + ε√c2), c = bias corrections, left as a
+                # quotient: the optimizer scales it once, with α, and each call on a small
+                # tensor costs more than its arithmetic (each large allocation, page faults).
                 root2 = math.sqrt(bias2)
-                denom = sqrt(exp_avg_sq).add_(group["eps"] * root2)
-                return torch.div(exp_avg, denom, out=denom).mul_(root2 / bias1), None
+                eps = host_constant(group["eps"], exp_avg_sq)
+                denom = sqrt(exp_avg_sq).add_(eps, alpha=root2)
+                return Quotient([exp_avg], [denom], [root2 / bias1]), None
             # With L2: ∂u/∂g̃ = (c1 - c2 m̂ g̃ / (√v̂ (√v̂+ε))) / (√v̂+ε), docs/math.md §4, built
             # in the L2 gradient's own temporary; with √v̂+ε and u, three large temporaries
             # where the general form takes eight. 0/0 (v̂ = 0) is taken as 0.
