@@ -156,16 +156,17 @@ def optimizers(device: torch.device) -> dict[str, Callable[[Any], torch.optim.Op
         table[f"MetaOptimize({base}, lion, scalar, foreach)"] = lambda p, base=base: MetaOptimize(
             p, base=base, meta="lion", alpha0=1e-4, weight_decay=0.01, foreach=True
         )
-    if device.type == "cuda":  # fused=True runs Triton there when installed; time compile too
-        table["MetaOptimize(adamw, lion, scalar, fused compile)"] = lambda p: MetaOptimize(
-            p,
-            base="adamw",
-            meta="lion",
-            alpha0=1e-4,
-            weight_decay=0.01,
-            fused=True,
-            fused_backend="compile",
-        )
+    # fused=True runs Triton on CUDA when installed and the default kernels on CPU: time the
+    # compiled kernel too.
+    table["MetaOptimize(adamw, lion, scalar, fused compile)"] = lambda p: MetaOptimize(
+        p,
+        base="adamw",
+        meta="lion",
+        alpha0=1e-4,
+        weight_decay=0.01,
+        fused=True,
+        fused_backend="compile",
+    )
     if device.type == "cuda":  # the default there is foreach; time the per-tensor loop too
         table["MetaOptimize(adamw, lion, scalar, per-tensor)"] = lambda p: MetaOptimize(
             p, base="adamw", meta="lion", alpha0=1e-4, weight_decay=0.01, foreach=False

@@ -19,6 +19,9 @@ from helpers import (
 )
 from metaoptimize import MetaOptimize
 
+#: Compile on CPU too (fused=True alone keeps the default CPU kernels).
+COMPILE = {"fused_backend": "compile"}
+
 
 @pytest.mark.parametrize("case", ONE_PER_BASE, ids=str)
 def test_fused_equals_eager(case: Case) -> None:
@@ -27,10 +30,11 @@ def test_fused_equals_eager(case: Case) -> None:
     eager_groups, blocks = case.groups(eager_model)
     fused_groups, fused_blocks = case.groups(fused_model)
     eager = MetaOptimize(eager_groups, blocks=blocks, **case.kwargs())
-    # foreach=False: with the default, TinyNet's small CPU tensors take the multi-tensor kernel
-    # even with fused=True (test_kernel_plan); here every tensor takes the compiled one.
+    # On CPU fused=True keeps the default kernels unless "compile" forces compiling, and the
+    # default sends TinyNet's small tensors to the multi-tensor kernel (test_kernel_plan):
+    # fused_backend="compile" and foreach=False make every tensor take the compiled one.
     fused = MetaOptimize(
-        fused_groups, blocks=fused_blocks, fused=True, foreach=False, **case.kwargs()
+        fused_groups, blocks=fused_blocks, fused=True, foreach=False, **COMPILE, **case.kwargs()
     )
     for step, batch in enumerate(batches(15)):
         pairs = ((eager_model, eager), (fused_model, fused))
@@ -63,7 +67,7 @@ def test_non_contiguous_parameters_use_the_eager_path() -> None:
     assert not fused_param.is_contiguous()
     eager = MetaOptimize([eager_param], base="adam", meta="adam", alpha0=0.01)
     fused = MetaOptimize(
-        [fused_param], base="adam", meta="adam", alpha0=0.01, fused=True, foreach=False
+        [fused_param], base="adam", meta="adam", alpha0=0.01, fused=True, foreach=False, **COMPILE
     )
     for step in range(5):
         for param, opt in ((eager_param, eager), (fused_param, fused)):
@@ -92,7 +96,13 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
     # Per tensor on both sides: the fallback is the per-tensor kernel, bit for bit.
     eager = MetaOptimize(model.parameters(), base="adamw", meta="lion", alpha0=0.01, foreach=False)
     fused = MetaOptimize(
-        twin.parameters(), base="adamw", meta="lion", alpha0=0.01, fused=True, foreach=False
+        twin.parameters(),
+        base="adamw",
+        meta="lion",
+        alpha0=0.01,
+        fused=True,
+        foreach=False,
+        **COMPILE,
     )
     for step, batch in enumerate(batches(3)):
         for m, o in ((model, eager), (twin, fused)):

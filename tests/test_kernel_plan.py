@@ -60,14 +60,17 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({}, HOST),  # the CPU default for a large tensor: per tensor, Python scalars
         ({"host_scalars": False}, EAGER),  # the sync-free path, forced
         ({"foreach": True}, FOREACH),
-        ({"fused": True}, COMPILED),  # CPU tensors: torch.compile, not Triton
+        ({"fused": True}, HOST),  # CPU: the host kernel measured faster than compiling
+        ({"fused": True, "fused_backend": "compile"}, COMPILED),  # forced
+        ({"fused": True, "host_scalars": False}, COMPILED),  # off the host path: compiled
         ({"fused": True, "fused_backend": "triton"}, TRITON),  # forced (the interpreter)
         ({"fused": True, "fused_backend": "triton", "per_weight": True}, COMPILED),
         ({"fused": True, "fused_backend": "triton", "triton_failed": True}, COMPILED),
         ({"fused": True, "compile_failed": True}, HOST),
-        ({"fused": True, "learned_weight_decay": True}, EAGER),
+        ({"fused": True, "fused_backend": "compile", "learned_weight_decay": True}, EAGER),
         ({"foreach": True, "learned_weight_decay": True}, HOST),
-        ({"foreach": True, "fused": True}, COMPILED),  # a compiled kernel beats foreach
+        ({"foreach": True, "fused": True}, FOREACH),  # CPU: as without fused
+        ({"foreach": True, "fused": True, "fused_backend": "compile"}, COMPILED),
     ],
 )
 def test_choose_kernel(
@@ -88,10 +91,14 @@ def test_small_cpu_tensors_take_the_multi_tensor_kernel_by_default() -> None:
     assert choose_kernel(small, replace(CPU, host_scalars=False), decoupled=True) == EAGER
 
 
-def test_fused_on_cpu_compiles_large_tensors_and_leaves_small_ones_to_foreach() -> None:
-    """A compiled call per small CPU tensor costs more than the multi-tensor kernel."""
+def test_fused_on_cpu_keeps_the_default_kernels_unless_compiling_is_forced() -> None:
+    """On CPU fused=True keeps the default kernels; a forced compile takes the large tensors
+    (a compiled call per small CPU tensor costs more than the multi-tensor kernel)."""
     small = _entry((CPU_FOREACH_MAX_NUMEL,))
-    fused = replace(CPU, fused=True)
+    auto = replace(CPU, fused=True)
+    assert choose_kernel(small, auto, decoupled=True) == FOREACH
+    assert choose_kernel(_entry(), auto, decoupled=True) == HOST
+    fused = replace(CPU, fused=True, fused_backend="compile")
     assert choose_kernel(small, fused, decoupled=True) == FOREACH
     assert choose_kernel(_entry(), fused, decoupled=True) == COMPILED
     # An explicit foreach=False keeps the compiled kernel for every tensor.
@@ -105,7 +112,8 @@ def test_tensors_a_kernel_cannot_take_go_to_the_next_one() -> None:
     assert choose_kernel(kahan, replace(CPU, foreach=True), decoupled=True) == HOST
     strided = _entry()
     strided.param = torch.zeros(LARGE).t()  # not contiguous: no flat views for the fused kernels
-    assert choose_kernel(strided, replace(CPU, fused=True), decoupled=True) == EAGER
+    compile_cpu = replace(CPU, fused=True, fused_backend="compile")
+    assert choose_kernel(strided, compile_cpu, decoupled=True) == EAGER
     triton = replace(CPU, fused=True, fused_backend="triton")
     assert choose_kernel(_entry(), triton, decoupled=False) == COMPILED  # L2: not a Triton base
     assert choose_kernel(_entry(), triton, decoupled=True) == COMPILED  # CPU, not interpreted

@@ -57,8 +57,9 @@ class KernelOptions:
         base: the base rule's name.
         foreach: the user's ``foreach`` (None: multi-tensor on CUDA and for CPU tensors of at
             most :data:`CPU_FOREACH_MAX_NUMEL` elements, per tensor otherwise).
-        fused: the user's ``fused`` (with ``foreach=None``, CPU tensors of at most
-            :data:`CPU_FOREACH_MAX_NUMEL` elements still take the multi-tensor kernel).
+        fused: the user's ``fused`` (with host scalars it compiles only with
+            ``fused_backend="compile"``, and then with ``foreach=None`` CPU tensors of at
+            most :data:`CPU_FOREACH_MAX_NUMEL` elements still take the multi-tensor kernel).
         fused_backend: ``"auto"``, ``"triton"`` or ``"compile"``.
         host_scalars: the step runs with Python scalars (CPU).
         learned_weight_decay: the weight decay is learned (only the per-tensor eager kernels
@@ -95,12 +96,16 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     """The kernel for one parameter (a pure function of the entry and the options)."""
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
+    if options.host_scalars and options.fused_backend == "auto":
+        # On CPU the eager kernels with Python scalars beat the compiled one on every model
+        # measured (docs/performance.md): fused=True takes them; "compile" forces compiling.
+        fused = False
     foreach = options.foreach
     if foreach is None:
         small_on_host = options.host_scalars and param.numel() <= CPU_FOREACH_MAX_NUMEL
         foreach = grad.device.type == "cuda" or small_on_host
         # On CPU a compiled call per small tensor costs more than the multi-tensor kernel's
-        # share of it (docs/performance.md): fused=True compiles the large tensors only.
+        # share of it (docs/performance.md): a forced compile takes the large tensors only.
         fused = fused and not small_on_host
     if (
         foreach
