@@ -97,7 +97,9 @@ def test_kahan_summation_keeps_small_updates_of_bf16_weights(fused: bool) -> Non
             meta="fixed",
             alpha0=1e-3,
             fused=fused,
-            foreach=False if fused else None,  # small CPU tensors: compiled only when asked
+            # Compiled on CPU only when asked, small tensors only without foreach.
+            fused_backend="compile" if fused else "auto",
+            foreach=False if fused else None,
             kahan_summation=mode == "bf16-kahan",
         )
         for _ in range(200):
