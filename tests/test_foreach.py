@@ -90,6 +90,9 @@ def test_tensor_operands_compute_what_the_python_scalars_do(dtype: torch.dtype) 
             for e, g in zip(expected, got, strict=True):
                 assert torch.equal(e, g)
     assert isinstance(operand(same, tensors)[0], torch.Tensor)
+    # Signed zeros stay apart (they are equal as cache keys).
+    assert math.copysign(1.0, float(operand(0.0, tensors)[0])) == 1.0
+    assert math.copysign(1.0, float(operand(-0.0, tensors)[0])) == -1.0
     # Tensors, and lists that take no tensor operand, pass through untouched.
     scalar_tensor = torch.tensor(2.0, dtype=dtype)
     assert operand(scalar_tensor, tensors) is scalar_tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from array import array
 from collections.abc import Iterator
 
@@ -42,7 +43,10 @@ def host_constant(value: float, like: Tensor) -> Tensor | float:
     too); it is cached per value, so fixed hyperparameters are built once. Other devices and
     dtypes keep the Python scalar.
     """
-    return _cpu_scalar(value, like.dtype) if takes_tensor_operands(like) else value
+    if not takes_tensor_operands(like):
+        return value
+    # 0.0 == -0.0 as cache keys; the sign of a zero operand can show in a result.
+    return _cpu_scalar(value, math.copysign(1.0, value), like.dtype)
 
 
 def takes_tensor_operands(like: Tensor) -> bool:
@@ -51,7 +55,7 @@ def takes_tensor_operands(like: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
+def _cpu_scalar(value: float, sign: float, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
