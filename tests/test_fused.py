@@ -115,3 +115,31 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
                 o.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_per_weight_fused_on_cpu_compiles_the_large_tensors_only() -> None:
+    """fused=True with per-weight step sizes on CPU: a large tensor's weight step and meta step
+    are compiled, the small tensors take the multi-tensor kernels; both equal the eager run."""
+    from metaoptimize._kernels import COMPILED, FOREACH
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(200, 200), torch.nn.Tanh(), torch.nn.Linear(200, 3)
+    ).double()
+    twin = clone_model(model)
+    settings: dict[str, Any] = {"blocks": "weight", "meta": "lion", "alpha0": 0.01}
+    eager = MetaOptimize(model.parameters(), weight_decay=0.01, **settings)
+    fused = MetaOptimize(twin.parameters(), weight_decay=0.01, fused=True, **settings)
+    x = torch.randn(16, 200, dtype=torch.float64)
+    for _ in range(6):
+        for m, opt in ((model, eager), (twin, fused)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    kernels = [b.kernel for b in fused._plan(fused._gather_entries(), True)]
+    assert sorted(kernels) == [COMPILED, FOREACH]  # the 200x200 weight; the three others
+    assert fused._kernels._compiled_meta is not None
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_step_sizes(fused), flat_step_sizes(eager), rtol=1e-10, atol=0)
+    assert (flat_step_sizes(fused) != 0.01).any()

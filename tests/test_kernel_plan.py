@@ -63,6 +63,7 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({"fused": True}, HOST),  # CPU: the host kernel measured faster than compiling
         ({"fused": True, "fused_backend": "compile"}, COMPILED),  # forced
         ({"fused": True, "host_scalars": False}, COMPILED),  # off the host path: compiled
+        ({"fused": True, "per_weight": True}, COMPILED),  # per-weight: more passes to fuse
         ({"fused": True, "fused_backend": "triton"}, TRITON),  # forced (the interpreter)
         ({"fused": True, "fused_backend": "triton", "per_weight": True}, COMPILED),
         ({"fused": True, "fused_backend": "triton", "triton_failed": True}, COMPILED),

@@ -16,7 +16,7 @@ from metaoptimize._checkpoint import (
     check_state_tensor,
     restored_bounds,
 )
-from metaoptimize._kernels import Bucket, KernelOptions, plan_kernels
+from metaoptimize._kernels import COMPILED, Bucket, KernelOptions, plan_kernels
 from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import triton_available
 from metaoptimize._math import as_dtype
@@ -117,9 +117,10 @@ class MetaOptimize(Optimizer):
             taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
         fused: run each parameter's update through ``torch.compile`` (one fused pass over
             memory, every base rule; tensors must be contiguous, others use the eager path).
-            The first step compiles (seconds). On CPU the default kernels measured faster
-            than the compiled one at every model size, so there ``fused=True`` keeps them
-            unless ``fused_backend="compile"``; see docs/performance.md.
+            The first step compiles (seconds). On CPU with block step sizes the default
+            kernels measured faster than the compiled one at every model size, so there
+            ``fused=True`` keeps them unless ``fused_backend="compile"``; per-weight step
+            sizes compile their large tensors (docs/performance.md).
         trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
             example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
             accumulated in the gradient's dtype (docs/performance.md measures the effect).
@@ -133,7 +134,8 @@ class MetaOptimize(Optimizer):
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
         fused_backend: with ``fused=True``: ``"auto"`` (default) runs the AdamW and Lion bases
             on CUDA through a Triton kernel when Triton is installed, everything else on CUDA
-            through ``torch.compile``, and CPU tensors through the default kernels;
+            through ``torch.compile``, and CPU tensors through the default kernels (but for
+            per-weight step sizes);
             ``"triton"`` also uses Triton off CUDA (its interpreter, ``TRITON_INTERPRET=1``,
             for tests); ``"compile"`` never uses Triton and compiles on CPU too.
         foreach: update the parameters of a param group, device and dtype with multi-tensor
@@ -462,11 +464,14 @@ class MetaOptimize(Optimizer):
             step_sizes=None if self.layout.per_weight else self._step_size,
             weight_decays=self._weight_decay if self._learn_wd else None,
         )
-        for bucket in self._plan(entries, host_scalars):
+        buckets = self._plan(entries, host_scalars)
+        for bucket in buckets:
             self._kernels.run(bucket, scalars)
 
-        # 3. Meta steps on β = log α (after the weight step, as in the paper).
-        self._meta_steps(entries, blocks, grads)
+        # 3. Meta steps on β = log α (after the weight step, as in the paper); per-weight
+        # step sizes are compiled where the weight step was.
+        compiled = {id(e.param) for b in buckets if b.kernel == COMPILED for e in b.entries}
+        self._meta_steps(entries, blocks, grads, compiled)
         return loss
 
     def _gather_entries(self) -> list[Entry]:
@@ -604,11 +609,17 @@ class MetaOptimize(Optimizer):
         return options
 
     def _meta_steps(
-        self, entries: list[Entry], blocks: tuple[int, ...], grads: MetaGradient
+        self,
+        entries: list[Entry],
+        blocks: tuple[int, ...],
+        grads: MetaGradient,
+        compiled: set[int] | None = None,
     ) -> None:
         """The meta steps of this step where it was finite; a skipped step is counted.
 
         A verdict read on the host (a Python bool, on CPU) reaches here only for a finite step.
+        ``compiled``: ids of the parameters whose weight step was compiled (None: all, with
+        ``fused``).
         """
         finite = grads.finite
         if self._step_size.rule.active and entries:
@@ -627,8 +638,10 @@ class MetaOptimize(Optimizer):
                     _weight_meta_states(entries),
                     finite if isinstance(finite, Tensor) else None,
                     self._step_size.bounds,
-                    # A verdict read on the host (CPU) compiles only when forced, as the kernels.
-                    self._fused and (isinstance(finite, Tensor) or self._fused_backend != "auto"),
+                    [
+                        self._fused if compiled is None else id(entry.param) in compiled
+                        for entry in entries
+                    ],
                 )
         if isinstance(finite, Tensor):
             self._skipped.add_((~finite).to(torch.int64))

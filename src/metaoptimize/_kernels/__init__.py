@@ -57,9 +57,9 @@ class KernelOptions:
         base: the base rule's name.
         foreach: the user's ``foreach`` (None: multi-tensor on CUDA and for CPU tensors of at
             most :data:`CPU_FOREACH_MAX_NUMEL` elements, per tensor otherwise).
-        fused: the user's ``fused`` (with host scalars it compiles only with
-            ``fused_backend="compile"``, and then with ``foreach=None`` CPU tensors of at
-            most :data:`CPU_FOREACH_MAX_NUMEL` elements still take the multi-tensor kernel).
+        fused: the user's ``fused`` (with host scalars and block step sizes it compiles only
+            with ``fused_backend="compile"``; with ``foreach=None`` CPU tensors of at most
+            :data:`CPU_FOREACH_MAX_NUMEL` elements take the multi-tensor kernel even then).
         fused_backend: ``"auto"``, ``"triton"`` or ``"compile"``.
         host_scalars: the step runs with Python scalars (CPU).
         learned_weight_decay: the weight decay is learned (only the per-tensor eager kernels
@@ -96,9 +96,10 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     """The kernel for one parameter (a pure function of the entry and the options)."""
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
-    if options.host_scalars and options.fused_backend == "auto":
+    if options.host_scalars and options.fused_backend == "auto" and not options.per_weight:
         # On CPU the eager kernels with Python scalars beat the compiled one on every model
-        # measured (docs/performance.md): fused=True takes them; "compile" forces compiling.
+        # measured with block step sizes (docs/performance.md): fused=True takes them there;
+        # "compile" forces compiling. Per-weight step sizes have more passes to fuse.
         fused = False
     foreach = options.foreach
     if foreach is None:

@@ -9,7 +9,7 @@ compilation that fails to the eager kernel, each with one warning, for good; the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -278,15 +278,30 @@ class KernelRunner:
         states: dict[str, list[Tensor]],
         finite: Tensor | None,
         bounds: tuple[float, float],
-        fused: bool,
+        compiled: Sequence[bool],
     ) -> None:
         """The meta steps of per-weight step sizes (meta state lists by key), in place.
 
-        One multi-tensor update when the rule has one and the tensors share a device and
-        dtype (not with ``fused``, which compiles each parameter's); else one per parameter.
-        ``finite=None``: the step is known to be finite (decided on the host), so the update
-        is made in place and ``zs`` are overwritten.
+        ``compiled[i]``: parameter ``i``'s weight step ran the compiled kernel; its meta step
+        is compiled too. The others take one multi-tensor update when the rule has one and the
+        tensors share a device and dtype, else one update per parameter. ``finite=None``: the
+        step is known to be finite (decided on the host), so the update is made in place and
+        ``zs`` are overwritten.
         """
+        if any(compiled) and not all(compiled):
+            for fused_part in (False, True):
+                part = [i for i, flag in enumerate(compiled) if flag == fused_part]
+                self.weight_meta_steps(
+                    rule,
+                    [log_alphas[i] for i in part],
+                    [zs[i] for i in part],
+                    {key: [tensors[i] for i in part] for key, tensors in states.items()},
+                    finite,
+                    bounds,
+                    [fused_part] * len(part),
+                )
+            return
+        fused = bool(compiled) and compiled[0]
         places = {(t.device, t.dtype) for t in (*log_alphas, *zs)}
         if rule.multi_tensor and not fused and len(places) == 1:
             if finite is None:
