@@ -74,12 +74,17 @@ def parameter_step(
     if with_trace:
         trace = state["trace"]
         gamma = 1.0 + ok * (group["gamma"] - 1.0)  # γ, or 1 on a skipped step
-        decay: Tensor | float = gamma  # the factor on the old trace
+        decay: Tensor | float | None = gamma  # the factor on the old trace
         if has_decay(kappa):
             # Hessian-free ∂w_{t+1}/∂w_t (docs/math.md, "Decay factors").
             slope_w = 1.0 if decoupled else cast(Tensor, slope)
             scalars = not any(isinstance(v, Tensor) for v in (alpha, kappa, gamma))
-            if scalars and isinstance(slope_w, Tensor) and "wd_trace" not in state:
+            simple = decoupled and isinstance(kappa, float) and "wd_trace" not in state
+            if simple and isinstance(alpha, Tensor) and alpha.dim() > 0:  # per-weight α
+                # γ (1 - α κ) h as γh - κ α (γh): no parameter-sized decay tensor.
+                trace.mul_(gamma).addcmul_(alpha, trace, value=-kappa)
+                decay = None
+            elif scalars and isinstance(slope_w, Tensor) and "wd_trace" not in state:
                 # Host scalars: γ(1 - α κ s) built in the rule's slope temporary.
                 decay = slope_w.mul_(-alpha * kappa * gamma).add_(gamma)
             else:
@@ -89,7 +94,9 @@ def parameter_step(
                     state["wd_trace"].mul_(decay).add_(
                         -(alpha * kappa) * slope_w * as_dtype(param, trace.dtype)
                     )
-        if isinstance(decay, float):
+        if decay is None:  # decayed above
+            trace.add_(delta)
+        elif isinstance(decay, float):
             torch.add(delta, trace, alpha=decay, out=trace)  # h ← decay h + Δ in one call
         else:
             trace.mul_(decay).add_(delta)
