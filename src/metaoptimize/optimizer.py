@@ -470,7 +470,9 @@ class MetaOptimize(Optimizer):
 
         # 3. Meta steps on β = log α (after the weight step, as in the paper); per-weight
         # step sizes are compiled where the weight step was.
-        compiled = {id(e.param) for b in buckets if b.kernel == COMPILED for e in b.entries}
+        compiled = None
+        if self.layout.per_weight:
+            compiled = {id(e.param) for b in buckets if b.kernel == COMPILED for e in b.entries}
         self._meta_steps(entries, blocks, grads, compiled)
         return loss
 

@@ -19,7 +19,15 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from metaoptimize.base import BaseRule, Quotient, Scalars, TensorList, has_decay, operand
+from metaoptimize.base import (
+    BaseRule,
+    Quotient,
+    Scalars,
+    TensorList,
+    has_decay,
+    is_one,
+    operand,
+)
 
 __all__ = ["foreach_parameter_step"]
 
@@ -80,14 +88,14 @@ def foreach_parameter_step(
         gamma = 1.0 + ok * (group["gamma"] - 1.0)
         if has_decay(kappa) and decoupled and not host:
             # γ (1 - α κ) h as γh - κ α (γh): no decay tensors (α is a tensor here).
-            if not (isinstance(gamma, float) and gamma == 1.0):
+            if not is_one(gamma):
                 torch._foreach_mul_(traces, operand(gamma, traces))
             torch._foreach_addcmul_(traces, cast("list[Tensor]", alphas), traces, value=-kappa)
         elif has_decay(kappa):
             # 1 - α κ ∂u/∂g̃ (docs/math.md §4); ∂u/∂g̃ = 1 for decoupled decay.
             decays = _trace_decays(alphas, kappa, None if decoupled else slopes, gamma)
             torch._foreach_mul_(traces, operand(decays, traces))
-        elif not (isinstance(gamma, float) and gamma == 1.0):
+        elif not is_one(gamma):
             torch._foreach_mul_(traces, operand(gamma, traces))
         torch._foreach_add_(traces, delta)
     torch._foreach_add_(params, delta)
@@ -127,6 +135,6 @@ def _trace_decays(
         if slopes is not None:  # (α κ) s; α may be 0-d
             decays = torch._foreach_mul(decays, slopes)
     torch._foreach_add_(decays, 1.0)
-    if not (isinstance(gamma, float) and gamma == 1.0):
+    if not is_one(gamma):
         torch._foreach_mul_(decays, gamma)
     return decays

@@ -27,7 +27,7 @@ from metaoptimize._kernels.eager import meta_step, parameter_step
 from metaoptimize._kernels.foreach import foreach_parameter_step
 from metaoptimize._kernels.triton import triton_parameter_step
 from metaoptimize._types import Entry
-from metaoptimize.base import BaseRule, Scalars, is_decoupled, operand
+from metaoptimize.base import BaseRule, Scalars, is_decoupled, is_one, operand
 from metaoptimize.meta import MetaRule
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class KernelRunner:
         alphas: Scalars
         if scalars.per_weight:
             alphas = torch._foreach_exp([e.state["log_alpha"] for e in bucket])
-            if not (isinstance(scale, float) and scale == 1.0):  # lr 1: exp(β) is α
+            if not is_one(scale):  # lr 1: exp(β) is α
                 torch._foreach_mul_(alphas, operand(scale, alphas))
         elif scalars.host:
             alphas = [scalars.alpha_values[e.block] * group["lr"] for e in bucket]

@@ -30,6 +30,7 @@ from metaoptimize.base._rule import (
     TensorList,
     has_decay,
     is_decoupled,
+    is_one,
     operand,
     state_dtype,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "get_base_rule",
     "has_decay",
     "is_decoupled",
+    "is_one",
     "operand",
     "rmsprop_l2_slope",
     "state_dtype",

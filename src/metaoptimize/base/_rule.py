@@ -24,6 +24,7 @@ __all__ = [
     "TensorList",
     "has_decay",
     "is_decoupled",
+    "is_one",
     "operand",
     "state_dtype",
 ]
@@ -61,6 +62,11 @@ def operand(value: float | Tensor | Scalars, like: TensorList) -> Any:
     return value if isinstance(scalar, float) else [scalar] * len(like)
 
 
+def is_one(factor: Tensor | float) -> bool:
+    """Whether ``factor`` is the float 1.0 (a multiplication by it can be skipped)."""
+    return isinstance(factor, float) and factor == 1.0
+
+
 class Quotient(NamedTuple):
     """A direction left unformed: ``u = scale · numerator / denominator``, per tensor.
 
@@ -73,12 +79,6 @@ class Quotient(NamedTuple):
     numerators: TensorList
     denominators: TensorList
     scales: list[float]
-
-    def formed(self) -> list[Tensor]:
-        """``u`` itself."""
-        u = torch._foreach_div(self.numerators, self.denominators)
-        torch._foreach_mul_(u, operand(self.scales, u))
-        return list(u)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
