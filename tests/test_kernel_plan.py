@@ -20,6 +20,7 @@ from metaoptimize._kernels import (
     EAGER,
     FOREACH,
     HOST,
+    HOST_COMPILED,
     TRITON,
     KernelOptions,
     choose_kernel,
@@ -60,7 +61,8 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({}, HOST),  # the CPU default for a large tensor: per tensor, Python scalars
         ({"host_scalars": False}, EAGER),  # the sync-free path, forced
         ({"foreach": True}, FOREACH),
-        ({"fused": True}, HOST),  # CPU: the host kernel measured faster than compiling
+        ({"fused": True}, HOST_COMPILED),  # CPU Adam(W): host scalars, few compiled calls
+        ({"fused": True, "base": "lion"}, HOST),  # other bases: the eager kernel was faster
         ({"fused": True, "fused_backend": "compile"}, COMPILED),  # forced
         ({"fused": True, "host_scalars": False}, COMPILED),  # off the host path: compiled
         ({"fused": True, "per_weight": True}, COMPILED),  # per-weight: more passes to fuse
@@ -70,7 +72,8 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({"fused": True, "compile_failed": True}, HOST),
         ({"fused": True, "fused_backend": "compile", "learned_weight_decay": True}, EAGER),
         ({"foreach": True, "learned_weight_decay": True}, HOST),
-        ({"foreach": True, "fused": True}, FOREACH),  # CPU: as without fused
+        ({"foreach": True, "fused": True}, HOST_COMPILED),
+        ({"foreach": True, "fused": True, "base": "lion"}, FOREACH),  # CPU: as without fused
         ({"foreach": True, "fused": True, "fused_backend": "compile"}, COMPILED),
     ],
 )
@@ -92,13 +95,32 @@ def test_small_cpu_tensors_take_the_multi_tensor_kernel_by_default() -> None:
     assert choose_kernel(small, replace(CPU, host_scalars=False), decoupled=True) == EAGER
 
 
-def test_fused_on_cpu_keeps_the_default_kernels_unless_compiling_is_forced() -> None:
-    """On CPU fused=True keeps the default kernels; a forced compile takes the large tensors
-    (a compiled call per small CPU tensor costs more than the multi-tensor kernel)."""
+def test_fused_on_cpu_takes_the_host_compiled_kernel_for_adam_bases() -> None:
+    """On CPU fused=True takes the host-compiled kernel for Adam(W) and keeps the default
+    kernels for the other bases; a forced compile takes the large tensors (a compiled call
+    per small CPU tensor costs more than the multi-tensor kernel)."""
     small = _entry((CPU_FOREACH_MAX_NUMEL,))
     auto = replace(CPU, fused=True)
-    assert choose_kernel(small, auto, decoupled=True) == FOREACH
-    assert choose_kernel(_entry(), auto, decoupled=True) == HOST
+    assert choose_kernel(small, auto, decoupled=True) == HOST_COMPILED
+    assert choose_kernel(_entry(), auto, decoupled=True) == HOST_COMPILED
+    lion = replace(auto, base="lion")
+    assert choose_kernel(small, lion, decoupled=True) == FOREACH
+    assert choose_kernel(_entry(), lion, decoupled=True) == HOST
+    # Adam with an L2 decay, Kahan-compensated weights, a bfloat16 trace, a learned weight
+    # decay: the default kernels.
+    l2 = _entry()
+    l2.group = {"weight_decay": 0.01}
+    assert choose_kernel(l2, replace(auto, base="adam"), decoupled=False) == HOST
+    l2.group = {"weight_decay": 0.0}
+    assert choose_kernel(l2, replace(auto, base="adam"), decoupled=False) == HOST_COMPILED
+    kahan = _entry(kahan_comp=torch.zeros(LARGE))
+    assert choose_kernel(kahan, auto, decoupled=True) == HOST
+    bf16_trace = _entry(trace=torch.zeros(LARGE, dtype=torch.bfloat16))
+    assert choose_kernel(bf16_trace, auto, decoupled=True) == HOST
+    learned = replace(auto, learned_weight_decay=True)
+    assert choose_kernel(_entry(), learned, decoupled=True) == HOST
+    # DTensor shards: their state is viewed anew every step, no flat state can hold it.
+    assert choose_kernel(_entry(), replace(auto, sharded=True), decoupled=True) == HOST
     fused = replace(CPU, fused=True, fused_backend="compile")
     assert choose_kernel(small, fused, decoupled=True) == FOREACH
     assert choose_kernel(_entry(), fused, decoupled=True) == COMPILED

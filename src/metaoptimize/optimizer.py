@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -16,7 +16,13 @@ from metaoptimize._checkpoint import (
     check_state_tensor,
     restored_bounds,
 )
-from metaoptimize._kernels import COMPILED, Bucket, KernelOptions, plan_kernels
+from metaoptimize._kernels import (
+    COMPILED,
+    Bucket,
+    KernelOptions,
+    layout_sensitive,
+    plan_kernels,
+)
 from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import triton_available
 from metaoptimize._math import as_dtype
@@ -262,7 +268,7 @@ class MetaOptimize(Optimizer):
         self._weight_decay = MetaParameter(wd_rule, UNBOUNDED, no_blocks.clone())
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._home)
         self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor, bool]] = {}
-        self._options_cache: dict[tuple[bool, bool, bool], KernelOptions] = {}
+        self._options_cache: dict[tuple[bool, bool, bool, bool], KernelOptions] = {}
         self._plan_cache: dict[tuple[Any, ...], list[tuple[str, list[int]]]] = {}
         self._kernels = KernelRunner(self._base, self._block_indices)
         self._grow_blocks()
@@ -449,10 +455,15 @@ class MetaOptimize(Optimizer):
         # no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
         host_scalars = self._home.type == "cpu" and not self._device_scalars
 
-        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
+        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6); a
+        # kernel may gather its gradients first and take its part of the sum in one dot.
+        buckets = self._plan(entries, host_scalars)
+        meta_active = self._step_size.rule.active
+        presummed = self._kernels.prepare(buckets, meta_active) if host_scalars else []
         blocks = tuple(e.block for e in entries)
-        grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars)
+        grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars, presummed)
         if host_scalars and not bool(grads.finite):
+            self._kernels.discard_prepared()
             self._skipped.add_(1)
             return loss
 
@@ -460,11 +471,10 @@ class MetaOptimize(Optimizer):
         scalars = StepScalars(
             finite=grads.finite,
             host=host_scalars,
-            meta_active=self._step_size.rule.active,
+            meta_active=meta_active,
             step_sizes=None if self.layout.per_weight else self._step_size,
             weight_decays=self._weight_decay if self._learn_wd else None,
         )
-        buckets = self._plan(entries, host_scalars)
         for bucket in buckets:
             self._kernels.run(bucket, scalars)
 
@@ -548,7 +558,12 @@ class MetaOptimize(Optimizer):
         return cached
 
     def _meta_gradient(
-        self, entries: list[Entry], blocks: tuple[int, ...], reduce_group: Any, host: bool
+        self,
+        entries: list[Entry],
+        blocks: tuple[int, ...],
+        reduce_group: Any,
+        host: bool,
+        presummed: Sequence[tuple[Sequence[Entry], Tensor]] = (),
     ) -> MetaGradient:
         layout = self.layout
         block_index = self._block_indices(blocks)[0] if entries else None
@@ -565,6 +580,7 @@ class MetaOptimize(Optimizer):
             reduce_blocks=self._sharding.partition_group is None
             or layout.mode in ("scalar", "group"),
             host=host,
+            presummed=presummed,
         )
 
     def _decoupled(self, group: dict[str, Any]) -> bool:
@@ -577,8 +593,9 @@ class MetaOptimize(Optimizer):
         device, state kind), which a parameter keeps; contiguity (the fused kernels) and
         DTensor shards (viewed anew every step) are checked every step instead.
         """
-        options = self._kernel_options(host_scalars)
-        if options.fused or self._sharding.mesh(self.param_groups) is not None:
+        sharded = self._sharding.mesh(self.param_groups) is not None
+        options = self._kernel_options(host_scalars, sharded)
+        if layout_sensitive(options) or sharded:
             return plan_kernels(entries, options, self._decoupled)
         key = (options, *(id(e.param) for e in entries))
         cached = self._plan_cache.get(key)
@@ -591,9 +608,9 @@ class MetaOptimize(Optimizer):
             self._plan_cache[key] = cached
         return [Bucket(kernel, [entries[i] for i in indices]) for kernel, indices in cached]
 
-    def _kernel_options(self, host_scalars: bool) -> KernelOptions:
+    def _kernel_options(self, host_scalars: bool, sharded: bool) -> KernelOptions:
         """The kernel options of this step (built once per combination of what can change)."""
-        key = (host_scalars, self._kernels.triton_failed, self._kernels.compile_failed)
+        key = (host_scalars, self._kernels.triton_failed, self._kernels.compile_failed, sharded)
         options = self._options_cache.get(key)
         if options is None:
             options = KernelOptions(
@@ -606,6 +623,7 @@ class MetaOptimize(Optimizer):
                 per_weight=self.layout.per_weight,
                 triton_failed=key[1],
                 compile_failed=key[2],
+                sharded=sharded,
             )
             self._options_cache[key] = options
         return options

@@ -6,6 +6,8 @@
   and on CPU the default for small tensors).
 * :mod:`~metaoptimize._kernels.compiled`: the eager kernel compiled by ``torch.compile``
   (``fused=True``).
+* :mod:`~metaoptimize._kernels.host_compiled`: ``fused=True`` on CPU for the Adam and AdamW
+  bases: scalars from the host, small tensors in flat state buffers, few compiled calls.
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
   bases (``fused=True`` on CUDA).
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaoptimize._kernels.compiled import supports_fused
+from metaoptimize._kernels.host_compiled import host_compiled_supports
 from metaoptimize._kernels.triton import triton_supports
 from metaoptimize._types import Entry
 
@@ -27,10 +30,12 @@ __all__ = [
     "EAGER",
     "FOREACH",
     "HOST",
+    "HOST_COMPILED",
     "TRITON",
     "Bucket",
     "KernelOptions",
     "choose_kernel",
+    "layout_sensitive",
     "plan_kernels",
 ]
 
@@ -40,6 +45,8 @@ HOST = "host"
 EAGER = "eager"
 FOREACH = "foreach"
 COMPILED = "compiled"
+#: ``fused=True`` on CPU for Adam/AdamW: :mod:`metaoptimize._kernels.host_compiled`.
+HOST_COMPILED = "host compiled"
 TRITON = "triton"
 #: On CPU, tensors up to this size default to the multi-tensor kernel: below it the per-tensor
 #: kernel's fixed cost (about 15 calls) dominates, above it the multi-tensor kernel's extra
@@ -67,6 +74,8 @@ class KernelOptions:
         per_weight: one step size per weight (the Triton kernels take one per tensor).
         triton_failed: a Triton kernel failed to build earlier in this optimizer's life.
         compile_failed: ``torch.compile`` failed earlier in this optimizer's life.
+        sharded: the parameters are DTensor shards (their state is viewed anew every step,
+            so the host-compiled kernel's flat state cannot hold it).
     """
 
     base: str
@@ -78,6 +87,7 @@ class KernelOptions:
     per_weight: bool
     triton_failed: bool = False
     compile_failed: bool = False
+    sharded: bool = False
 
 
 @dataclass
@@ -97,9 +107,18 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
     if options.host_scalars and options.fused_backend == "auto" and not options.per_weight:
-        # On CPU the eager kernels with Python scalars beat the compiled one on every model
-        # measured with block step sizes (docs/performance.md): fused=True takes them there;
-        # "compile" forces compiling. Per-weight step sizes have more passes to fuse.
+        # On CPU with block step sizes, fused=True compiles the Adam(W) step with host scalars
+        # and flat state for small tensors; for the other bases the eager kernels with Python
+        # scalars beat the compiled one on every model measured (docs/performance.md).
+        # "compile" forces the general compiled kernel. Per-weight step sizes have more
+        # passes to fuse.
+        if (
+            fused
+            and not options.learned_weight_decay
+            and not options.sharded
+            and host_compiled_supports(options.base, entry, decoupled)
+        ):
+            return HOST_COMPILED
         fused = False
     foreach = options.foreach
     if foreach is None:
@@ -131,6 +150,16 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     return COMPILED if supports_fused(param, grad, state) else EAGER
 
 
+def layout_sensitive(options: KernelOptions) -> bool:
+    """Whether a plan depends on the tensors' memory layout, so it cannot be kept.
+
+    The compiled and Triton kernels take contiguous tensors only; the host-compiled kernel
+    checks contiguity where it runs.
+    """
+    host_compiled = options.host_scalars and options.fused_backend == "auto"
+    return options.fused and not (host_compiled and not options.per_weight)
+
+
 def plan_kernels(
     entries: Sequence[Entry],
     options: KernelOptions,
@@ -138,8 +167,8 @@ def plan_kernels(
 ) -> list[Bucket]:
     """Group the entries by kernel, once per step.
 
-    ``FOREACH`` gets a bucket per (param group, device, dtype); every other kernel one bucket
-    of its entries. Entry order is kept within each bucket. A CPU bucket the default put on the
+    ``FOREACH`` gets a bucket per (param group, device, dtype), ``HOST_COMPILED`` one per
+    (param group, dtype, block); every other kernel one bucket of its entries. Entry order is kept within each bucket. A CPU bucket the default put on the
     multi-tensor kernel runs per tensor when it holds fewer than
     :data:`CPU_FOREACH_MIN_TENSORS` tensors.
     """
@@ -149,6 +178,8 @@ def plan_kernels(
         key: tuple[Any, ...] = (kernel,)
         if kernel == FOREACH:
             key = (kernel, id(entry.group), entry.grad.device, entry.grad.dtype)
+        elif kernel == HOST_COMPILED:
+            key = (kernel, id(entry.group), entry.grad.dtype, entry.block)
         buckets.setdefault(key, Bucket(kernel)).entries.append(entry)
     planned = list(buckets.values())
     if options.foreach is None and options.host_scalars:

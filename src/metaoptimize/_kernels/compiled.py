@@ -21,6 +21,7 @@ from metaoptimize.meta import MetaRule
 
 __all__ = [
     "compile_meta_step",
+    "compile_own_copy",
     "compile_parameter_step",
     "fused_meta_step",
     "fused_parameter_step",
@@ -37,7 +38,7 @@ def supports_fused(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
     )
 
 
-def _compile_own_copy(function: Callable[..., None], **options: Any) -> Callable[..., None]:
+def compile_own_copy(function: Callable[..., None], **options: Any) -> Callable[..., None]:
     """``torch.compile`` of a fresh copy of ``function``'s code, with a compile cache of its own.
 
     torch.compile keeps one cache per code object, with a small recompile limit; every
@@ -53,10 +54,10 @@ def _compile_own_copy(function: Callable[..., None], **options: Any) -> Callable
 
 
 def compile_parameter_step() -> Callable[..., None]:
-    """A compiled :func:`parameter_step` (see :func:`_compile_own_copy`)."""
+    """A compiled :func:`parameter_step` (see :func:`compile_own_copy`)."""
     # emulate_precision_casts: keep the rounding of low-precision casts (the Kahan update
     # measures what rounding to bfloat16 lost; without it Inductor skips the round trip).
-    return _compile_own_copy(parameter_step, options={"emulate_precision_casts": True})
+    return compile_own_copy(parameter_step, options={"emulate_precision_casts": True})
 
 
 def fused_parameter_step(
@@ -93,8 +94,8 @@ def fused_parameter_step(
 
 
 def compile_meta_step() -> Callable[..., None]:
-    """A compiled :func:`meta_step`, for per-weight step sizes (see :func:`_compile_own_copy`)."""
-    return _compile_own_copy(meta_step)
+    """A compiled :func:`meta_step`, for per-weight step sizes (see :func:`compile_own_copy`)."""
+    return compile_own_copy(meta_step)
 
 
 def fused_meta_step(

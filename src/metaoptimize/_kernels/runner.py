@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from metaoptimize._kernels import COMPILED, EAGER, FOREACH, HOST, TRITON, Bucket
+from metaoptimize._kernels import COMPILED, EAGER, FOREACH, HOST, HOST_COMPILED, TRITON, Bucket
 from metaoptimize._kernels.compiled import (
     compile_meta_step,
     compile_parameter_step,
@@ -25,6 +25,7 @@ from metaoptimize._kernels.compiled import (
 )
 from metaoptimize._kernels.eager import meta_step, parameter_step
 from metaoptimize._kernels.foreach import foreach_parameter_step
+from metaoptimize._kernels.host_compiled import HostCompiledKernel
 from metaoptimize._kernels.triton import triton_parameter_step
 from metaoptimize._types import Entry
 from metaoptimize.base import BaseRule, Scalars, is_decoupled, is_one, operand
@@ -100,6 +101,7 @@ class KernelRunner:
         self.compile_failed = False
         self._compiled: Callable[..., None] | None = None
         self._compiled_meta: Callable[..., None] | None = None
+        self.host_compiled = HostCompiledKernel()
 
     def compiled_step(self) -> Callable[..., None]:
         if self._compiled is None:
@@ -110,6 +112,9 @@ class KernelRunner:
         """Run one bucket's kernel; a compiled kernel that fails falls back for good."""
         if bucket.kernel == FOREACH:
             self._foreach_bucket(bucket.entries, scalars)
+            return
+        if bucket.kernel == HOST_COMPILED:
+            self._host_compiled_bucket(bucket.entries, scalars)
             return
         for entry in bucket.entries:
             kernel = bucket.kernel
@@ -173,6 +178,43 @@ class KernelRunner:
                 scalars.kappa_values[entry.block] if scalars.learned_weight_decay else None
             ),
         )
+
+    def prepare(
+        self, buckets: Sequence[Bucket], with_trace: bool
+    ) -> list[tuple[list[Entry], Tensor]]:
+        """The kernels' work that comes before the meta-gradient (host scalars).
+
+        The host-compiled kernel gathers its flat gradients and returns the ``(entries,
+        <h, g>)`` sums it took in one dot each.
+        """
+        sums: list[tuple[list[Entry], Tensor]] = []
+        for bucket in buckets:
+            if bucket.kernel == HOST_COMPILED and not self.compile_failed:
+                sums += self.host_compiled.prepare(bucket.entries, with_trace)
+        return sums
+
+    def discard_prepared(self) -> None:
+        """Drop what :meth:`prepare` gathered (the step was skipped)."""
+        self.host_compiled.discard()
+
+    def _host_compiled_bucket(self, entries: list[Entry], scalars: StepScalars) -> None:
+        """One (param group, dtype, block) bucket of Adam(W) entries with ``fused=True`` on CPU."""
+        group = entries[0].group
+
+        def per_tensor(rest: Sequence[Entry]) -> None:
+            for entry in rest:
+                self._host_entry(entry, scalars)
+
+        try:
+            self.host_compiled.run(
+                entries,
+                scalars.alpha_values[entries[0].block] * group["lr"],
+                scalars.meta_active,
+                is_decoupled(self.base, group),
+                fallback=per_tensor,
+            )
+        except Exception as error:  # noqa: BLE001 - compiling failed; the rest ran per tensor
+            self.compile_failure(error)
 
     def _device_arguments(
         self, entry: Entry, scalars: StepScalars

@@ -1,0 +1,325 @@
+"""``fused=True`` on CPU for the Adam and AdamW bases: few compiled calls, host scalars.
+
+Two things made the compiled per-tensor kernel (:mod:`metaoptimize._kernels.compiled`) slower
+than torch's AdamW on CPU: every compiled call pays tens of microseconds of guards and
+dispatch, and scalars derived inside the graph (``β^t``, ``√(1-β2^t)``) are recomputed in every
+iteration of Inductor's loop. Here the step's scalars are computed on the host, once per call,
+and go in as one small tensor; the loop is then a handful of loads, multiplies and one square
+root per element.
+
+Tensors of at most :data:`FLAT_MAX_NUMEL` elements are updated together, in one call: their
+state lives in one flat buffer per key (:class:`FlatState`), whose views are the state dict's
+entries, so only their weights and gradients are gathered (and the weights scattered back).
+Larger tensors take one call each on their own storage. The result equals the per-tensor eager
+kernel up to rounding (tests/test_host_compiled.py, in float64).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaoptimize._kernels.compiled import compile_own_copy
+from metaoptimize._math import host_constant
+from metaoptimize._types import Entry
+from metaoptimize.base import has_decay
+
+__all__ = [
+    "FLAT_MAX_NUMEL",
+    "FlatState",
+    "HostCompiledKernel",
+    "adam_step_body",
+    "host_compiled_supports",
+]
+
+#: Tensors up to this many elements share flat state buffers and one compiled call.
+FLAT_MAX_NUMEL = 32768
+#: Flat states kept per optimizer (one per set of small parameters seen with gradients).
+_MAX_FLAT_STATES = 8
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def host_compiled_supports(base: str, entry: Entry, decoupled: bool) -> bool:
+    """Whether the entry can take this kernel (Adam/AdamW without L2 decay, one dtype)."""
+    param, grad, state = entry.param, entry.grad, entry.state
+    if base not in ("adam", "adamw") or "kahan_comp" in state or "wd_trace" in state:
+        return False
+    if not decoupled and has_decay(entry.group["weight_decay"]):
+        return False  # an L2 term needs the slope of u (the general kernels have it)
+    if param.dtype not in (torch.float32, torch.float64) or grad.dtype != param.dtype:
+        return False
+    tensors = [param, grad, *(v for v in state.values() if isinstance(v, Tensor) and v.dim())]
+    # Contiguity is checked where the step runs (the plan is kept between steps).
+    return all(t.dtype == param.dtype and t.is_cpu for t in tensors)
+
+
+def adam_step_body(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    trace: Tensor | None,
+    scalars: Tensor,
+) -> None:
+    """One Adam(W) step with the Hessian-free trace, on flat tensors, in place.
+
+    ``scalars`` = ``[1-β1, β2, 1-β2, ε√c2, -α√c2/c1, -ακ, γ(1-ακ)]`` (``c`` the bias
+    corrections): the step is ``Δ = -α (m̂/(√v̂+ε) + κw)``, written as the per-tensor host
+    kernel writes it, ``-α (√c2/c1) m/(√v + ε√c2) - ακ w``; the trace becomes
+    ``γ(1-ακ) h + Δ`` and the weights ``w + Δ`` (paper Alg. 3; docs/math.md, "Decay factors").
+    """
+    exp_avg.lerp_(grad, scalars[0])
+    exp_avg_sq.mul_(scalars[1]).addcmul_(grad, grad * scalars[2])
+    denominator = exp_avg_sq.sqrt().add_(scalars[3])
+    delta = exp_avg.div(denominator).mul_(scalars[4]).add_(param * scalars[5])
+    if trace is not None:
+        trace.mul_(scalars[6]).add_(delta)
+    param.add_(delta)
+
+
+def adam_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
+    """The ``scalars`` of :func:`adam_step_body` for step ``count`` (after its increment)."""
+    beta1, beta2 = group["betas"]
+    count = max(count, 1.0)
+    bias1, bias2 = 1.0 - beta1**count, 1.0 - beta2**count
+    root2 = math.sqrt(bias2)
+    return [
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        group["eps"] * root2,
+        -alpha * root2 / bias1,
+        -alpha * kappa,
+        group["gamma"] * (1.0 - alpha * kappa),
+    ]
+
+
+def _flat_member(entry: Entry) -> bool:
+    """Small tensors whose weights and gradients can be viewed flat share the flat state."""
+    param = entry.param
+    return param.numel() <= FLAT_MAX_NUMEL and param.is_contiguous() and entry.grad.is_contiguous()
+
+
+def _contiguous(entry: Entry) -> bool:
+    tensors = (entry.param, entry.grad, *entry.state.values())
+    return all(t.is_contiguous() for t in tensors if isinstance(t, Tensor))
+
+
+class FlatState:
+    """The Adam state (and trace) of a fixed list of small parameters, in flat buffers.
+
+    Each parameter's state entries become views of one buffer per key, and its step counter a
+    0-d view of one buffer of counts; everything that reads or writes the state (the state
+    dict, the other kernels) sees ordinary per-parameter tensors. The buffers stay in use while
+    every entry is still the view placed there (a loaded state dict or a new trace replaces
+    them) and every count is the one this class last wrote (a step taken by another kernel,
+    with some parameters left out, changes some).
+    """
+
+    def __init__(self, entries: Sequence[Entry], keys: Sequence[str]) -> None:
+        self.sizes = [e.param.numel() for e in entries]
+        self.buffers: dict[str, Tensor] = {}
+        # (state dict, key, the view placed there), as three lists for a C-speed check
+        states: list[dict[str, Any]] = []
+        names: list[str] = []
+        views: list[Tensor] = []
+        for key in keys:
+            flat = torch.cat([e.state[key].reshape(-1) for e in entries])
+            self.buffers[key] = flat
+            for entry, view in zip(entries, flat.split_with_sizes(self.sizes), strict=True):
+                entry.state[key] = view.view_as(entry.param)
+        self.steps = torch.stack([e.state["step"] for e in entries])
+        for index, entry in enumerate(entries):
+            entry.state["step"] = self.steps[index]
+        for key in (*keys, "step"):
+            states += [e.state for e in entries]
+            names += [key] * len(entries)
+            views += [e.state[key] for e in entries]
+        self._placed = (states, names, views)
+        self._states = [e.state for e in entries]
+        self._count: float | None = None
+        self._steps_version = -1
+        #: this step's gradients, flat (from :meth:`HostCompiledKernel.prepare`)
+        self.grad: Tensor | None = None
+
+    def current(self, entries: Sequence[Entry]) -> bool:
+        """Whether ``entries`` still hold the state dicts and views placed there.
+
+        A loaded state dict brings new dicts (the old ones still hold the views).
+        """
+        states, names, views = self._placed
+        if not all(map(operator.is_, [e.state for e in entries], self._states)):
+            return False
+        return all(map(operator.is_, map(dict.get, states, names), views))
+
+    def holds_views(self) -> bool:
+        """Whether the state dicts it filled still hold its views (else it can be dropped)."""
+        states, names, views = self._placed
+        return all(map(operator.is_, map(dict.get, states, names), views))
+
+    def count(self) -> float | None:
+        """The step count every parameter shares, or None when they differ."""
+        if self.steps._version != self._steps_version:
+            counts = self.steps.tolist()
+            self._count = counts[0] if all(c == counts[0] for c in counts) else None
+            self._steps_version = self.steps._version
+        return self._count
+
+    def advance(self) -> None:
+        """Count one step for every parameter."""
+        self.steps.add_(host_constant(1.0, self.steps))
+        assert self._count is not None
+        self._count += 1.0
+        self._steps_version = self.steps._version
+
+
+#: The compiled body, shared by every optimizer of the process: one per dtype and trace
+#: setting, so that each compiles one graph (two where a tensor of one element appears).
+_BODIES: dict[tuple[torch.dtype, bool], Callable[..., None]] = {}
+
+
+def shared_body(dtype: torch.dtype, with_trace: bool) -> Callable[..., None]:
+    """The compiled :func:`adam_step_body` for ``dtype`` with or without the trace."""
+    key = (dtype, with_trace)
+    if key not in _BODIES:
+        _BODIES[key] = compile_own_copy(adam_step_body)
+    return _BODIES[key]
+
+
+class HostCompiledKernel:
+    """Runs buckets of Adam/AdamW entries through the compiled :func:`adam_step_body`.
+
+    Args:
+        compiled_body: gives the compiled body for a dtype and trace setting (default
+            :func:`shared_body`; the tests swap in a failing one).
+    """
+
+    def __init__(
+        self, compiled_body: Callable[[torch.dtype, bool], Callable[..., None]] | None = None
+    ) -> None:
+        self._compiled_body = compiled_body or shared_body
+        self._flat: dict[tuple[int, ...], FlatState] = {}
+
+    def prepare(
+        self, entries: Sequence[Entry], with_trace: bool
+    ) -> list[tuple[list[Entry], Tensor]]:
+        """Gather this step's flat gradient of the small entries, before the meta-gradient.
+
+        Returns ``(entries, <h, g>)`` for the entries whose trace is one flat buffer: their
+        meta-gradient in one dot (the entries share a block: the plan's buckets do). The
+        gradient is kept for :meth:`run` of this step.
+        """
+        small = [e for e in entries if _flat_member(e)]
+        flat = self._flat_state(small, with_trace) if small else None
+        if flat is None or flat.count() is None:
+            return []
+        flat.grad = torch.cat([e.grad.view(-1) for e in small])
+        if not with_trace:
+            return []
+        return [(small, torch.dot(flat.buffers["trace"], flat.grad))]
+
+    def discard(self) -> None:
+        """Drop the gradients :meth:`prepare` gathered (a step that was skipped)."""
+        for flat in self._flat.values():
+            flat.grad = None
+
+    def run(
+        self,
+        entries: Sequence[Entry],
+        alpha: float,
+        with_trace: bool,
+        decoupled: bool,
+        fallback: Callable[[Sequence[Entry]], None],
+    ) -> None:
+        """One step of ``entries`` (one param group, dtype and step size; a finite step).
+
+        Entries the flat state cannot take this step (their step counts differ) go to
+        ``fallback``, as do all that remain when compiling fails (the error is raised after).
+        """
+        group = entries[0].group
+        kappa = group["weight_decay"] if decoupled else 0.0
+        small = [e for e in entries if _flat_member(e)]
+        large = [e for e in entries if not _flat_member(e)]
+        done: list[Entry] = []
+        try:
+            if small:
+                flat = self._flat_state(small, with_trace)
+                count = None if flat is None else flat.count()
+                if flat is None or count is None:
+                    fallback(small)
+                else:
+                    self._flat_step(small, flat, count, alpha, kappa, with_trace)
+                done += small
+            for entry in large:
+                if _contiguous(entry):
+                    self._tensor_step(entry, alpha, kappa, with_trace)
+                else:
+                    fallback([entry])
+                done.append(entry)
+        except Exception:
+            fallback([e for e in entries if all(e is not d for d in done)])
+            raise
+
+    def _flat_state(self, small: Sequence[Entry], with_trace: bool) -> FlatState | None:
+        key = tuple(id(e.param) for e in small)
+        flat = self._flat.get(key)
+        if flat is not None and flat.current(small):
+            return flat
+        counts = [e.state["step"].item() for e in small]
+        if any(c != counts[0] for c in counts):
+            return None  # steps taken apart: the other kernels take these parameters
+        if len(self._flat) >= _MAX_FLAT_STATES:
+            self._flat.clear()  # gradients on ever-changing subsets: start over
+        keys = (*_ADAM_KEYS, "trace") if with_trace else _ADAM_KEYS
+        flat = FlatState(small, keys)
+        # States whose views were just replaced are dropped with their buffers (any other
+        # is rebuilt where it is used next, if it is not current then).
+        self._flat = {k: v for k, v in self._flat.items() if v.holds_views()}
+        self._flat[key] = flat
+        return flat
+
+    def _flat_step(
+        self,
+        small: Sequence[Entry],
+        flat: FlatState,
+        count: float,
+        alpha: float,
+        kappa: float,
+        with_trace: bool,
+    ) -> None:
+        weights = [e.param.view(-1) for e in small]
+        param = torch.cat(weights)
+        grad, flat.grad = flat.grad, None
+        if grad is None:  # not prepared this step
+            grad = torch.cat([e.grad.view(-1) for e in small])
+        scalars = adam_scalars(small[0].group, count + 1.0, alpha, kappa)
+        buffers = flat.buffers
+        self._compiled_body(param.dtype, with_trace)(
+            param,
+            grad,
+            buffers["exp_avg"],
+            buffers["exp_avg_sq"],
+            buffers["trace"] if with_trace else None,
+            torch.tensor(scalars, dtype=param.dtype),
+        )
+        torch._foreach_copy_(weights, list(param.split_with_sizes(flat.sizes)))
+        flat.advance()
+
+    def _tensor_step(self, entry: Entry, alpha: float, kappa: float, with_trace: bool) -> None:
+        state = entry.state
+        step = state["step"]
+        scalars = adam_scalars(entry.group, step.item() + 1.0, alpha, kappa)
+        self._compiled_body(entry.param.dtype, with_trace)(
+            entry.param.view(-1),
+            entry.grad.view(-1),
+            state["exp_avg"].view(-1),
+            state["exp_avg_sq"].view(-1),
+            state["trace"].view(-1) if with_trace else None,
+            torch.tensor(scalars, dtype=entry.param.dtype),
+        )
+        step.add_(host_constant(1.0, step))
