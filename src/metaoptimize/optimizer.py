@@ -123,10 +123,12 @@ class MetaOptimize(Optimizer):
             taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
         fused: run each parameter's update through ``torch.compile`` (one fused pass over
             memory, every base rule; tensors must be contiguous, others use the eager path).
-            The first step compiles (seconds). On CPU with block step sizes the default
-            kernels measured faster than the compiled one at every model size, so there
-            ``fused=True`` keeps them unless ``fused_backend="compile"``; per-weight step
-            sizes compile their large tensors (docs/performance.md).
+            The first step compiles (seconds). On CPU with block step sizes, the Adam and
+            AdamW bases compile a step with host scalars and update small tensors together
+            through flat state buffers (the state entries are views of them); the other
+            bases keep the default kernels, which measured faster than the general compiled
+            one, unless ``fused_backend="compile"``; per-weight step sizes compile their
+            large tensors (docs/performance.md).
         trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
             example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
             accumulated in the gradient's dtype (docs/performance.md measures the effect).
@@ -140,8 +142,8 @@ class MetaOptimize(Optimizer):
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
         fused_backend: with ``fused=True``: ``"auto"`` (default) runs the AdamW and Lion bases
             on CUDA through a Triton kernel when Triton is installed, everything else on CUDA
-            through ``torch.compile``, and CPU tensors through the default kernels (but for
-            per-weight step sizes);
+            through ``torch.compile``, and on CPU the Adam(W) host-compiled step, other bases
+            through the default kernels (but for per-weight step sizes);
             ``"triton"`` also uses Triton off CUDA (its interpreter, ``TRITON_INTERPRET=1``,
             for tests); ``"compile"`` never uses Triton and compiles on CPU too.
         foreach: update the parameters of a param group, device and dtype with multi-tensor
