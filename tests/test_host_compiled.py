@@ -163,9 +163,9 @@ def test_state_dict_round_trip_and_resume() -> None:
     _assert_equal(eager_model, eager, resumed_model, resumed)
 
 
-def test_steps_taken_apart_fall_back_per_tensor() -> None:
+def test_steps_taken_apart_split_the_flat_state_by_step_count() -> None:
     """A step without some gradients updates the rest; the step counts then differ, and the
-    parameters that shared a flat state take the per-tensor kernel (as the oracle does)."""
+    parameters that shared a flat state go on in one flat state per count."""
     eager_model, eager, fused_model, fused = _pair(weight_decay=0.01)
     for index, batch in enumerate(_batches(6)):
         for model, opt in ((eager_model, eager), (fused_model, fused)):
@@ -178,6 +178,21 @@ def test_steps_taken_apart_fall_back_per_tensor() -> None:
         _assert_equal(eager_model, eager, fused_model, fused)
     counts = {fused.state[p]["step"].item() for p in fused_model.parameters()}
     assert counts == {5.0, 6.0}
+    (parts,) = fused._kernels.host_compiled._flat.values()
+    assert sorted(len(positions) for positions, _ in parts) == [1, 2]  # the bias apart
+
+
+def test_parameters_added_later_step_in_a_flat_state_of_their_own() -> None:
+    eager_model, eager, fused_model, fused = _pair(lambda m: m.hidden.parameters())
+    data = _batches(6)
+    for index, batch in enumerate(data):
+        if index == 3:
+            eager.add_param_group({"params": list(eager_model.out.parameters())})
+            fused.add_param_group({"params": list(fused_model.out.parameters())})
+        _step(eager_model, eager, batch)
+        _step(fused_model, fused, batch)
+        _assert_equal(eager_model, eager, fused_model, fused)
+    assert fused.state[fused_model.out.bias]["exp_avg"]._base is not None
 
 
 def test_a_skipped_step_changes_nothing() -> None:

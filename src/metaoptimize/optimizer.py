@@ -125,7 +125,8 @@ class MetaOptimize(Optimizer):
             memory, every base rule; tensors must be contiguous, others use the eager path).
             The first step compiles (seconds). On CPU with block step sizes, the Adam and
             AdamW bases compile a step with host scalars and update small tensors together
-            through flat state buffers (the state entries are views of them); the other
+            through flat state buffers (the state entries are views of them; two gather
+            buffers the size of the small tensors together are kept besides); the other
             bases keep the default kernels, which measured faster than the general compiled
             one, unless ``fused_backend="compile"``; per-weight step sizes compile their
             large tensors (docs/performance.md).
