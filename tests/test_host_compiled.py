@@ -113,8 +113,18 @@ def _two_groups(model: Net) -> list[dict[str, Any]]:
         (lambda m: m.parameters(), {"meta": "fixed", "weight_decay": 0.01}),  # no trace
         (lambda m: m.parameters(), {"base": "adam", "meta": "adam", "blocks": "tensor"}),
         (_two_groups, {"blocks": "group", "weight_decay": 0.05}),
+        (lambda m: m.parameters(), {"base": "lion", "alpha0": 1e-4, "weight_decay": 0.1}),
+        (lambda m: m.parameters(), {"base": "lion", "meta": "fixed", "gamma": 0.9}),
     ],
-    ids=["defaults", "lion-gamma", "fixed", "adam-tensor-blocks", "two-groups"],
+    ids=[
+        "defaults",
+        "lion-gamma",
+        "fixed",
+        "adam-tensor-blocks",
+        "two-groups",
+        "lion-base",
+        "lion-base-fixed",
+    ],
 )
 def test_equals_the_eager_kernel_in_float64(
     groups: Callable[[Net], Any], kwargs: dict[str, Any]
@@ -131,13 +141,15 @@ def test_equals_the_eager_kernel_in_float64(
     assert large["exp_avg"]._base is None
     # Three parameter-sized state tensors with the trace (two without), as the other kernels.
     sizes = {key: value.numel() for key, value in small.items() if value.dim()}
-    expected = {"exp_avg", "exp_avg_sq"} | ({"trace"} if kwargs.get("meta") != "fixed" else set())
+    moments = {"exp_avg"} if kwargs.get("base") == "lion" else {"exp_avg", "exp_avg_sq"}
+    expected = moments | ({"trace"} if kwargs.get("meta") != "fixed" else set())
     assert set(sizes) == expected
     assert set(sizes.values()) == {540}
 
 
-def test_the_plan_takes_it_for_adam_bases_only() -> None:
-    for base, kernel_taken in (("adamw", True), ("adam", True), ("lion", False), ("sgd", False)):
+def test_the_plan_takes_it_for_adam_and_lion_bases_only() -> None:
+    cases = (("adamw", True), ("adam", True), ("lion", True), ("sgd", False), ("rmsprop", False))
+    for base, kernel_taken in cases:
         model = Net()
         opt = MetaOptimize(model.parameters(), base=base, fused=True)
         _step(model, opt, _batches(1)[0])
@@ -236,14 +248,14 @@ def test_non_contiguous_tensors_take_the_per_tensor_kernel() -> None:
 
 
 def test_compile_failure_falls_back_with_one_warning() -> None:
-    def broken(dtype: torch.dtype, with_trace: bool) -> Callable[..., None]:
+    def broken(body: Any, dtype: torch.dtype, with_trace: bool) -> Callable[..., None]:
         def fail(*args: Any) -> None:
             raise RuntimeError("no compiler here")
 
         return fail
 
     eager_model, eager, fused_model, fused = _pair(weight_decay=0.01)
-    fused._kernels.host_compiled = HostCompiledKernel(broken)
+    fused._kernels.host_compiled = HostCompiledKernel("adamw", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for batch in _batches(4):
@@ -266,7 +278,7 @@ def test_flat_state_notices_replaced_entries_and_counts() -> None:
             self.param, self.state = param, state
 
     entries: Any = [Entry(p, s) for p, s in zip(params, states, strict=True)]
-    flat = FlatState(entries, ["exp_avg"])
+    flat = FlatState(entries, ["exp_avg"], counted=True)
     assert flat.buffers["exp_avg"].tolist() == [0.0] * 3 + [1.0] * 4
     assert states[1]["exp_avg"].shape == (2, 2)
     assert flat.current(entries)
@@ -281,3 +293,19 @@ def test_flat_state_notices_replaced_entries_and_counts() -> None:
     assert flat.holds_views()
     states[1]["exp_avg"] = torch.zeros(2, 2, dtype=DTYPE)  # an entry replaced
     assert not flat.holds_views()
+
+
+def test_a_deep_copy_continues_the_run() -> None:
+    """The copy's state entries are views of its own copied buffers; its kernel rebuilds them."""
+    model = Net()
+    opt = MetaOptimize(model.parameters(), fused=True, weight_decay=0.01)
+    data = _batches(6)
+    for batch in data[:3]:
+        _step(model, opt, batch)
+    copied_model, copied = copy.deepcopy((model, opt))
+    for batch in data[3:]:
+        _step(model, opt, batch)
+        _step(copied_model, copied, batch)
+    _assert_equal(model, opt, copied_model, copied, rtol=0)
+    storage = model.out.bias.data_ptr()
+    assert copied_model.out.bias.data_ptr() != storage

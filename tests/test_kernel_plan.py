@@ -62,7 +62,8 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({"host_scalars": False}, EAGER),  # the sync-free path, forced
         ({"foreach": True}, FOREACH),
         ({"fused": True}, HOST_COMPILED),  # CPU Adam(W): host scalars, few compiled calls
-        ({"fused": True, "base": "lion"}, HOST),  # other bases: the eager kernel was faster
+        ({"fused": True, "base": "lion"}, HOST_COMPILED),
+        ({"fused": True, "base": "sgd"}, HOST),  # other bases: the eager kernel was faster
         ({"fused": True, "fused_backend": "compile"}, COMPILED),  # forced
         ({"fused": True, "host_scalars": False}, COMPILED),  # off the host path: compiled
         ({"fused": True, "per_weight": True}, COMPILED),  # per-weight: more passes to fuse
@@ -73,7 +74,7 @@ def _entry(shape: tuple[int, ...] = LARGE, **state: Any) -> Entry:
         ({"fused": True, "fused_backend": "compile", "learned_weight_decay": True}, EAGER),
         ({"foreach": True, "learned_weight_decay": True}, HOST),
         ({"foreach": True, "fused": True}, HOST_COMPILED),
-        ({"foreach": True, "fused": True, "base": "lion"}, FOREACH),  # CPU: as without fused
+        ({"foreach": True, "fused": True, "base": "sgd"}, FOREACH),  # CPU: as without fused
         ({"foreach": True, "fused": True, "fused_backend": "compile"}, COMPILED),
     ],
 )
@@ -95,17 +96,17 @@ def test_small_cpu_tensors_take_the_multi_tensor_kernel_by_default() -> None:
     assert choose_kernel(small, replace(CPU, host_scalars=False), decoupled=True) == EAGER
 
 
-def test_fused_on_cpu_takes_the_host_compiled_kernel_for_adam_bases() -> None:
-    """On CPU fused=True takes the host-compiled kernel for Adam(W) and keeps the default
-    kernels for the other bases; a forced compile takes the large tensors (a compiled call
+def test_fused_on_cpu_takes_the_host_compiled_kernel_for_adam_and_lion() -> None:
+    """On CPU fused=True takes the host-compiled kernel for Adam(W) and Lion and keeps the
+    default kernels for the other bases; a forced compile takes the large tensors (a compiled call
     per small CPU tensor costs more than the multi-tensor kernel)."""
     small = _entry((CPU_FOREACH_MAX_NUMEL,))
     auto = replace(CPU, fused=True)
     assert choose_kernel(small, auto, decoupled=True) == HOST_COMPILED
     assert choose_kernel(_entry(), auto, decoupled=True) == HOST_COMPILED
-    lion = replace(auto, base="lion")
-    assert choose_kernel(small, lion, decoupled=True) == FOREACH
-    assert choose_kernel(_entry(), lion, decoupled=True) == HOST
+    sgd = replace(auto, base="sgd")
+    assert choose_kernel(small, sgd, decoupled=True) == FOREACH
+    assert choose_kernel(_entry(), sgd, decoupled=True) == HOST
     # Adam with an L2 decay, Kahan-compensated weights, a bfloat16 trace, a learned weight
     # decay: the default kernels.
     l2 = _entry()

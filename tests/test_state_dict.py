@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import TinyNet, batches, flat_step_sizes, train
 from metaoptimize import MetaOptimize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state_v1.pt"
@@ -204,3 +206,27 @@ def test_loading_into_a_stepped_optimizer_continues_like_loading_into_a_fresh_on
         assert torch.equal(mine, theirs)
     for name, alpha in stepped.step_sizes().items():
         assert torch.equal(alpha, fresh.step_sizes()[name])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"foreach": False}, {"blocks": "weight"}, {"meta": "lion", "learn_weight_decay": True}],
+    ids=["defaults", "per-tensor", "per-weight", "learned-decay"],
+)
+def test_deepcopy_and_pickle_give_optimizers_that_continue_the_run(kwargs: dict[str, Any]) -> None:
+    """torch.optim's ``__getstate__`` keeps three attributes; MetaOptimize's meta parameters,
+    rules and kernels live in others, and a copy must carry them (it failed with an
+    AttributeError before)."""
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters(), weight_decay=0.01, **kwargs)
+    data = batches(6)
+    train(model, opt, data[:3])
+    copied = copy.deepcopy((model, opt))
+    pickled = pickle.loads(pickle.dumps((model, opt)))
+    for other_model, other_opt in (copied, pickled):
+        train(other_model, other_opt, data[3:])
+    train(model, opt, data[3:])
+    for other_model, other_opt in (copied, pickled):
+        for a, b in zip(model.parameters(), other_model.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(flat_step_sizes(other_opt), flat_step_sizes(opt), rtol=0, atol=0)

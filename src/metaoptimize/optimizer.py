@@ -123,8 +123,8 @@ class MetaOptimize(Optimizer):
             taken from the parameters' device mesh. DDP needs nothing (docs/distributed.md).
         fused: run each parameter's update through ``torch.compile`` (one fused pass over
             memory, every base rule; tensors must be contiguous, others use the eager path).
-            The first step compiles (seconds). On CPU with block step sizes, the Adam and
-            AdamW bases compile a step with host scalars and update small tensors together
+            The first step compiles (seconds). On CPU with block step sizes, the Adam,
+            AdamW and Lion bases compile a step with host scalars and update small tensors together
             through flat state buffers (the state entries are views of them; two gather
             buffers the size of the small tensors together are kept besides); the other
             bases keep the default kernels, which measured faster than the general compiled
@@ -143,7 +143,7 @@ class MetaOptimize(Optimizer):
         weight_decay_meta_lr: meta step size for ``log κ`` (default: ``meta_lr``).
         fused_backend: with ``fused=True``: ``"auto"`` (default) runs the AdamW and Lion bases
             on CUDA through a Triton kernel when Triton is installed, everything else on CUDA
-            through ``torch.compile``, and on CPU the Adam(W) host-compiled step, other bases
+            through ``torch.compile``, and on CPU the Adam(W)/Lion host-compiled step, other bases
             through the default kernels (but for per-weight step sizes);
             ``"triton"`` also uses Triton off CUDA (its interpreter, ``TRITON_INTERPRET=1``,
             for tests); ``"compile"`` never uses Triton and compiles on CPU too.
@@ -697,6 +697,17 @@ class MetaOptimize(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ state dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, for ``copy.deepcopy`` and pickling.
+
+        torch.optim's own keeps only ``defaults``, ``state`` and ``param_groups``; the meta
+        parameters, rules and kernels live in other attributes. The kernel plans are keyed by
+        parameter ids, which a copy does not share: they are left out.
+        """
+        state = dict(self.__dict__)
+        state["_plan_cache"] = {}
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """Return the state as in ``torch.optim``, with a ``"metaoptimize"`` entry in group 0.

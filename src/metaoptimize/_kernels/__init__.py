@@ -6,8 +6,8 @@
   and on CPU the default for small tensors).
 * :mod:`~metaoptimize._kernels.compiled`: the eager kernel compiled by ``torch.compile``
   (``fused=True``).
-* :mod:`~metaoptimize._kernels.host_compiled`: ``fused=True`` on CPU for the Adam and AdamW
-  bases: scalars from the host, small tensors in flat state buffers, few compiled calls.
+* :mod:`~metaoptimize._kernels.host_compiled`: ``fused=True`` on CPU for the Adam, AdamW and
+  Lion bases: scalars from the host, small tensors in flat state buffers, few compiled calls.
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
   bases (``fused=True`` on CUDA).
 """
@@ -45,7 +45,7 @@ HOST = "host"
 EAGER = "eager"
 FOREACH = "foreach"
 COMPILED = "compiled"
-#: ``fused=True`` on CPU for Adam/AdamW: :mod:`metaoptimize._kernels.host_compiled`.
+#: ``fused=True`` on CPU for Adam, AdamW, Lion: :mod:`metaoptimize._kernels.host_compiled`.
 HOST_COMPILED = "host compiled"
 TRITON = "triton"
 #: On CPU, tensors up to this size default to the multi-tensor kernel: below it the per-tensor
@@ -107,7 +107,7 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
     if options.host_scalars and options.fused_backend == "auto" and not options.per_weight:
-        # On CPU with block step sizes, fused=True compiles the Adam(W) step with host scalars
+        # On CPU with block step sizes, fused=True compiles the Adam(W)/Lion step with host scalars
         # and flat state for small tensors; for the other bases the eager kernels with Python
         # scalars beat the compiled one on every model measured (docs/performance.md).
         # "compile" forces the general compiled kernel. Per-weight step sizes have more

@@ -1,4 +1,4 @@
-"""``fused=True`` on CPU for the Adam and AdamW bases: few compiled calls, host scalars.
+"""``fused=True`` on CPU for the Adam, AdamW and Lion bases: few compiled calls, host scalars.
 
 Two things made the compiled per-tensor kernel (:mod:`metaoptimize._kernels.compiled`) slower
 than torch's AdamW on CPU: every compiled call pays tens of microseconds of guards and
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,23 +32,25 @@ from metaoptimize.base import has_decay
 
 __all__ = [
     "FLAT_MAX_NUMEL",
+    "HOST_BODIES",
     "FlatState",
+    "HostBody",
     "HostCompiledKernel",
     "adam_step_body",
     "host_compiled_supports",
+    "lion_step_body",
 ]
 
 #: Tensors up to this many elements share flat state buffers and one compiled call.
 FLAT_MAX_NUMEL = 32768
 #: Flat states kept per optimizer (one per set of small parameters seen with gradients).
 _MAX_FLAT_STATES = 8
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def host_compiled_supports(base: str, entry: Entry, decoupled: bool) -> bool:
-    """Whether the entry can take this kernel (Adam/AdamW without L2 decay, one dtype)."""
+    """Whether the entry can take this kernel (Adam/AdamW without L2 decay, Lion; one dtype)."""
     param, grad, state = entry.param, entry.grad, entry.state
-    if base not in ("adam", "adamw") or "kahan_comp" in state or "wd_trace" in state:
+    if base not in HOST_BODIES or "kahan_comp" in state or "wd_trace" in state:
         return False
     if not decoupled and has_decay(entry.group["weight_decay"]):
         return False  # an L2 term needs the slope of u (the general kernels have it)
@@ -61,18 +64,19 @@ def host_compiled_supports(base: str, entry: Entry, decoupled: bool) -> bool:
 def adam_step_body(
     param: Tensor,
     grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    moments: list[Tensor],
     trace: Tensor | None,
     scalars: Tensor,
 ) -> None:
     """One Adam(W) step with the Hessian-free trace, on flat tensors, in place.
 
-    ``scalars`` = ``[1-β1, β2, 1-β2, ε√c2, -α√c2/c1, -ακ, γ(1-ακ)]`` (``c`` the bias
-    corrections): the step is ``Δ = -α (m̂/(√v̂+ε) + κw)``, written as the per-tensor host
-    kernel writes it, ``-α (√c2/c1) m/(√v + ε√c2) - ακ w``; the trace becomes
-    ``γ(1-ακ) h + Δ`` and the weights ``w + Δ`` (paper Alg. 3; docs/math.md, "Decay factors").
+    ``moments`` = ``[m, v]``; ``scalars`` = ``[1-β1, β2, 1-β2, ε√c2, -α√c2/c1, -ακ,
+    γ(1-ακ)]`` (``c`` the bias corrections): the step is ``Δ = -α (m̂/(√v̂+ε) + κw)``, written
+    as the per-tensor host kernel writes it, ``-α (√c2/c1) m/(√v + ε√c2) - ακ w``; the trace
+    becomes ``γ(1-ακ) h + Δ`` and the weights ``w + Δ`` (paper Alg. 3; docs/math.md, "Decay
+    factors").
     """
+    exp_avg, exp_avg_sq = moments
     exp_avg.lerp_(grad, scalars[0])
     exp_avg_sq.mul_(scalars[1]).addcmul_(grad, grad * scalars[2])
     denominator = exp_avg_sq.sqrt().add_(scalars[3])
@@ -80,6 +84,40 @@ def adam_step_body(
     if trace is not None:
         trace.mul_(scalars[6]).add_(delta)
     param.add_(delta)
+
+
+def lion_step_body(
+    param: Tensor,
+    grad: Tensor,
+    moments: list[Tensor],
+    trace: Tensor | None,
+    scalars: Tensor,
+) -> None:
+    """One Lion step with the Hessian-free trace, on flat tensors, in place.
+
+    ``moments`` = ``[m]``; ``scalars`` = ``[1-β1, 1-β2, -α, -ακ, γ(1-ακ)]``: ``u =
+    sign(β1 m + (1-β1) g)``, then ``m ← β2 m + (1-β2) g``; ``Δ = -α (u + κw)``; the trace
+    becomes ``γ(1-ακ) h + Δ`` (the sign has no slope) and the weights ``w + Δ``.
+    """
+    (exp_avg,) = moments
+    u = exp_avg.lerp(grad, scalars[0]).sign_()
+    exp_avg.lerp_(grad, scalars[1])
+    delta = u.mul_(scalars[2]).add_(param * scalars[3])
+    if trace is not None:
+        trace.mul_(scalars[4]).add_(delta)
+    param.add_(delta)
+
+
+def lion_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
+    """The ``scalars`` of :func:`lion_step_body` (Lion counts no steps)."""
+    beta1, beta2 = group["betas"]
+    return [
+        1.0 - beta1,
+        1.0 - beta2,
+        -alpha,
+        -alpha * kappa,
+        group["gamma"] * (1.0 - alpha * kappa),
+    ]
 
 
 def adam_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
@@ -99,6 +137,32 @@ def adam_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float
     ]
 
 
+@dataclass(frozen=True)
+class HostBody:
+    """A base rule's step for this kernel.
+
+    Attributes:
+        body: the elementwise step (compiled once per process, dtype and trace setting).
+        moments: the state keys of its moment tensors, in the order ``body`` takes them.
+        counted: whether the rule counts steps (its scalars depend on the count).
+        scalars: ``(group, count after this step, α, κ) -> scalars`` on the host.
+    """
+
+    body: Callable[..., None]
+    moments: tuple[str, ...]
+    counted: bool
+    scalars: Callable[[dict[str, Any], float, float, float], list[float]]
+
+
+_ADAM = HostBody(adam_step_body, ("exp_avg", "exp_avg_sq"), True, adam_scalars)
+#: The base rules this kernel runs, by name.
+HOST_BODIES: dict[str, HostBody] = {
+    "adam": _ADAM,
+    "adamw": _ADAM,
+    "lion": HostBody(lion_step_body, ("exp_avg",), False, lion_scalars),
+}
+
+
 def _flat_member(entry: Entry) -> bool:
     """Small tensors whose weights and gradients can be viewed flat share the flat state."""
     param = entry.param
@@ -111,17 +175,17 @@ def _contiguous(entry: Entry) -> bool:
 
 
 class FlatState:
-    """The Adam state (and trace) of a fixed list of small parameters, in flat buffers.
+    """The state (moments and trace) of a fixed list of small parameters, in flat buffers.
 
-    Each parameter's state entries become views of one buffer per key, and its step counter a
-    0-d view of one buffer of counts; everything that reads or writes the state (the state
+    Each parameter's state entries become views of one buffer per key, and its step counter
+    (``counted``) a 0-d view of one buffer of counts; everything that reads or writes the state (the state
     dict, the other kernels) sees ordinary per-parameter tensors. The buffers stay in use while
     every entry is still the view placed there (a loaded state dict or a new trace replaces
     them) and every count is the one this class last wrote (a step taken by another kernel,
     with some parameters left out, changes some).
     """
 
-    def __init__(self, entries: Sequence[Entry], keys: Sequence[str]) -> None:
+    def __init__(self, entries: Sequence[Entry], keys: Sequence[str], counted: bool) -> None:
         self.sizes = [e.param.numel() for e in entries]
         self.buffers: dict[str, Tensor] = {}
         # (state dict, key, the view placed there), as three lists for a C-speed check
@@ -133,16 +197,18 @@ class FlatState:
             self.buffers[key] = flat
             for entry, view in zip(entries, flat.split_with_sizes(self.sizes), strict=True):
                 entry.state[key] = view.view_as(entry.param)
-        self.steps = torch.stack([e.state["step"] for e in entries])
-        for index, entry in enumerate(entries):
-            entry.state["step"] = self.steps[index]
-        for key in (*keys, "step"):
+        self.steps: Tensor | None = None
+        if counted:
+            self.steps = torch.stack([e.state["step"] for e in entries])
+            for index, entry in enumerate(entries):
+                entry.state["step"] = self.steps[index]
+        for key in (*keys, "step") if counted else keys:
             states += [e.state for e in entries]
             names += [key] * len(entries)
             views += [e.state[key] for e in entries]
         self._placed = (states, names, views)
         self._states = [e.state for e in entries]
-        self._count: float | None = None
+        self._count: float | None = None if counted else 0.0
         self._steps_version = -1
         #: this step's gradients, flat (from :meth:`HostCompiledKernel.prepare`)
         self.grad: Tensor | None = None
@@ -169,8 +235,8 @@ class FlatState:
         return all(map(operator.is_, map(dict.get, states, names), views))
 
     def count(self) -> float | None:
-        """The step count every parameter shares, or None when they differ."""
-        if self.steps._version != self._steps_version:
+        """The step count every parameter shares, or None when they differ (0: not counted)."""
+        if self.steps is not None and self.steps._version != self._steps_version:
             counts = self.steps.tolist()
             self._count = counts[0] if all(c == counts[0] for c in counts) else None
             self._steps_version = self.steps._version
@@ -178,39 +244,57 @@ class FlatState:
 
     def advance(self) -> None:
         """Count one step for every parameter."""
+        if self.steps is None:
+            return
         self.steps.add_(host_constant(1.0, self.steps))
         assert self._count is not None
         self._count += 1.0
         self._steps_version = self.steps._version
 
 
-#: The compiled body, shared by every optimizer of the process: one per dtype and trace
-#: setting, so that each compiles one graph (two where a tensor of one element appears).
-_BODIES: dict[tuple[torch.dtype, bool], Callable[..., None]] = {}
+#: The compiled bodies, shared by every optimizer of the process: one per body, dtype and
+#: trace setting, so that each compiles one graph (two where a tensor of one element appears).
+_COMPILED: dict[tuple[Callable[..., None], torch.dtype, bool], Callable[..., None]] = {}
 
 
-def shared_body(dtype: torch.dtype, with_trace: bool) -> Callable[..., None]:
-    """The compiled :func:`adam_step_body` for ``dtype`` with or without the trace."""
-    key = (dtype, with_trace)
-    if key not in _BODIES:
-        _BODIES[key] = compile_own_copy(adam_step_body)
-    return _BODIES[key]
+def shared_body(
+    body: Callable[..., None], dtype: torch.dtype, with_trace: bool
+) -> Callable[..., None]:
+    """The compiled ``body`` for ``dtype`` with or without the trace."""
+    key = (body, dtype, with_trace)
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_own_copy(body)
+    return _COMPILED[key]
 
 
 class HostCompiledKernel:
-    """Runs buckets of Adam/AdamW entries through the compiled :func:`adam_step_body`.
+    """Runs buckets of one base rule's entries through its compiled :class:`HostBody`.
 
     Args:
-        compiled_body: gives the compiled body for a dtype and trace setting (default
+        base: the base rule's name (a key of :data:`HOST_BODIES`; others never get here).
+        compiled_body: gives the compiled body for a body, dtype and trace setting (default
             :func:`shared_body`; the tests swap in a failing one).
     """
 
     def __init__(
-        self, compiled_body: Callable[[torch.dtype, bool], Callable[..., None]] | None = None
+        self,
+        base: str,
+        compiled_body: Callable[[Callable[..., None], torch.dtype, bool], Callable[..., None]]
+        | None = None,
     ) -> None:
+        self._rule = HOST_BODIES.get(base)
         self._compiled_body = compiled_body or shared_body
         # Per set of small parameters (their ids): the positions and flat state of each part.
         self._flat: dict[tuple[int, ...], list[tuple[list[int], FlatState]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copies and pickles: no flat states (keyed by parameter ids).
+
+        They are rebuilt from the copied state entries when next needed.
+        """
+        state = dict(self.__dict__)
+        state["_flat"] = {}
+        return state
 
     def prepare(
         self, entries: Sequence[Entry], with_trace: bool
@@ -283,11 +367,15 @@ class HostCompiledKernel:
         # or left out of some steps, count differently; each part steps on its own count.
         by_count: dict[float, list[int]] = {}
         for position, entry in enumerate(small):
-            by_count.setdefault(entry.state["step"].item(), []).append(position)
+            count = entry.state["step"].item() if "step" in entry.state else 0.0
+            by_count.setdefault(count, []).append(position)
         if len(self._flat) >= _MAX_FLAT_STATES:
             self._flat.clear()  # gradients on ever-changing subsets: start over
-        keys = (*_ADAM_KEYS, "trace") if with_trace else _ADAM_KEYS
-        built = [(p, FlatState([small[i] for i in p], keys)) for p in by_count.values()]
+        rule = self._host_rule()
+        keys = (*rule.moments, "trace") if with_trace else rule.moments
+        built = [
+            (p, FlatState([small[i] for i in p], keys, rule.counted)) for p in by_count.values()
+        ]
         # Flat states whose views were just replaced are dropped with their buffers (any
         # other is rebuilt where it is used next, if it is not current then).
         self._flat = {
@@ -311,13 +399,13 @@ class HostCompiledKernel:
         grad, flat.grad = flat.grad, None
         if grad is None:  # not prepared this step
             grad = torch.cat([e.grad.view(-1) for e in small], out=flat.gathered[1])
-        scalars = adam_scalars(small[0].group, count + 1.0, alpha, kappa)
+        rule = self._host_rule()
+        scalars = rule.scalars(small[0].group, count + 1.0, alpha, kappa)
         buffers = flat.buffers
-        self._compiled_body(param.dtype, with_trace)(
+        self._compiled_body(rule.body, param.dtype, with_trace)(
             param,
             grad,
-            buffers["exp_avg"],
-            buffers["exp_avg_sq"],
+            [buffers[key] for key in rule.moments],
             buffers["trace"] if with_trace else None,
             torch.tensor(scalars, dtype=param.dtype),
         )
@@ -326,14 +414,20 @@ class HostCompiledKernel:
 
     def _tensor_step(self, entry: Entry, alpha: float, kappa: float, with_trace: bool) -> None:
         state = entry.state
-        step = state["step"]
-        scalars = adam_scalars(entry.group, step.item() + 1.0, alpha, kappa)
-        self._compiled_body(entry.param.dtype, with_trace)(
+        rule = self._host_rule()
+        step = state["step"] if rule.counted else None
+        count = 0.0 if step is None else step.item()
+        scalars = rule.scalars(entry.group, count + 1.0, alpha, kappa)
+        self._compiled_body(rule.body, entry.param.dtype, with_trace)(
             entry.param.view(-1),
             entry.grad.view(-1),
-            state["exp_avg"].view(-1),
-            state["exp_avg_sq"].view(-1),
+            [state[key].view(-1) for key in rule.moments],
             state["trace"].view(-1) if with_trace else None,
             torch.tensor(scalars, dtype=entry.param.dtype),
         )
-        step.add_(host_constant(1.0, step))
+        if step is not None:
+            step.add_(host_constant(1.0, step))
+
+    def _host_rule(self) -> HostBody:
+        assert self._rule is not None, "the plan sends only HOST_BODIES' rules here"
+        return self._rule

@@ -101,7 +101,13 @@ class KernelRunner:
         self.compile_failed = False
         self._compiled: Callable[..., None] | None = None
         self._compiled_meta: Callable[..., None] | None = None
-        self.host_compiled = HostCompiledKernel()
+        self.host_compiled = HostCompiledKernel(base.name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copies and pickles: compiled functions are rebuilt when next needed."""
+        state = dict(self.__dict__)
+        state["_compiled"] = state["_compiled_meta"] = None
+        return state
 
     def compiled_step(self) -> Callable[..., None]:
         if self._compiled is None:
@@ -198,7 +204,7 @@ class KernelRunner:
         self.host_compiled.discard()
 
     def _host_compiled_bucket(self, entries: list[Entry], scalars: StepScalars) -> None:
-        """One (param group, dtype, block) bucket of Adam(W) entries with ``fused=True`` on CPU."""
+        """One (param group, dtype, block) bucket with ``fused=True`` on CPU (Adam(W), Lion)."""
         group = entries[0].group
 
         def per_tensor(rest: Sequence[Entry]) -> None:
