@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 from typing import Any
 
 import pytest
@@ -285,3 +287,18 @@ def test_monitor_reads_a_wrapped_optimizer() -> None:
     weights = torch.zeros(3, requires_grad=True)
     wrapped = wrap(torch.optim.Adam([weights], lr=1e-3))
     assert step_size_scalars(wrapped) == {"step_size/all": pytest.approx(1e-3)}
+
+
+def test_deepcopy_and_pickle_give_wrappers_that_continue_the_run() -> None:
+    model = TinyNet()
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01))
+    data = batches(6)
+    train(model, opt, data[:3])
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    for other_model, other_opt in copies:
+        train(other_model, other_opt, data[3:])
+    train(model, opt, data[3:])
+    for other_model, other_opt in copies:
+        for a, b in zip(model.parameters(), other_model.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(flat_step_sizes(other_opt), flat_step_sizes(opt), rtol=0, atol=0)

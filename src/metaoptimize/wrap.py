@@ -305,6 +305,14 @@ class MetaOptimizeWrapper(Optimizer):
         """The meta rule of the step sizes."""
         return self._step_sizes[0].rule
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, for ``copy.deepcopy`` and pickling.
+
+        torch.optim's keeps three attributes; the inner optimizer, the traces and the step
+        sizes live in others.
+        """
+        return dict(self.__dict__)
+
     def state_dict(self) -> dict[str, Any]:
         """The inner state dict, with the wrapper's step sizes and meta state in group 0."""
         state_dict = self.inner.state_dict()
