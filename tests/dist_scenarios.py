@@ -164,9 +164,11 @@ def _fsdp2(rank: int, world: int, out: Path, blocks: str) -> None:
     torch.save(result, out / f"fsdp2-{blocks}-{rank}.pt")
 
 
-def _zero(rank: int, world: int, out: Path, blocks: str) -> None:
+def _zero(rank: int, world: int, out: Path, blocks: str, fused: bool = False) -> None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
+
+    name = "zero-fused" if fused else "zero"
 
     def build() -> tuple[nn.Module, Any]:
         model = DistributedDataParallel(Net())
@@ -175,6 +177,7 @@ def _zero(rank: int, world: int, out: Path, blocks: str) -> None:
             optimizer_class=MetaOptimize,
             partition_group=dist.group.WORLD,
             blocks=blocks,
+            fused=fused,
             **KWARGS,
         )
         return model, opt
@@ -189,7 +192,7 @@ def _zero(rank: int, world: int, out: Path, blocks: str) -> None:
     first, first_opt = build()
     train(first, first_opt, batches[:RESUME_AT])
     # A sharded checkpoint: every rank saves and reloads its own partition's optimizer.
-    path = out / f"zero-{blocks}-ckpt-{rank}.pt"
+    path = out / f"{name}-{blocks}-ckpt-{rank}.pt"
     torch.save({"model": first.state_dict(), "opt": first_opt.optim.state_dict()}, path)
     checkpoint = torch.load(path, weights_only=True)
     second, second_opt = build()
@@ -198,7 +201,13 @@ def _zero(rank: int, world: int, out: Path, blocks: str) -> None:
     train(second, second_opt, batches[RESUME_AT:])
     result["resumed_params"] = [_full(p) for p in second.parameters()]
     result["resumed_sizes"] = [_full(v) for v in second_opt.optim.step_sizes().values()]
-    torch.save(result, out / f"zero-{blocks}-{rank}.pt")
+    torch.save(result, out / f"{name}-{blocks}-{rank}.pt")
+
+
+def _zero_fused(rank: int, world: int, out: Path, blocks: str) -> None:
+    """ZeRO with ``fused=True``: on CPU the host-compiled kernel, whose flat meta-gradient
+    sums must not be taken where the block sums are reduced across ranks."""
+    _zero(rank, world, out, blocks, fused=True)
 
 
 def _fsdp2_guard(rank: int, world: int, out: Path, blocks: str) -> None:
@@ -233,6 +242,7 @@ SCENARIOS = {
     "ddp": (_ddp, ("scalar", "weight")),
     "fsdp2": (_fsdp2, ("scalar", "tensor", "weight")),
     "zero": (_zero, ("scalar", "group", "tensor")),
+    "zero-fused": (_zero_fused, ("scalar",)),
     "guard": (_fsdp2_guard, ("scalar", "weight")),
 }
 

@@ -462,7 +462,10 @@ class MetaOptimize(Optimizer):
         # kernel may gather its gradients first and take its part of the sum in one dot.
         buckets = self._plan(entries, host_scalars)
         meta_active = self._step_size.rule.active
-        presummed = self._kernels.prepare(buckets, meta_active) if host_scalars else []
+        # (Only where the meta-gradient is summed on the host: not across ranks.)
+        presummed = []
+        if host_scalars and reduce_group is None:
+            presummed = self._kernels.prepare(buckets, meta_active)
         blocks = tuple(e.block for e in entries)
         grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars, presummed)
         if host_scalars and not bool(grads.finite):
