@@ -115,6 +115,8 @@ def _two_groups(model: Net) -> list[dict[str, Any]]:
         (_two_groups, {"blocks": "group", "weight_decay": 0.05}),
         (lambda m: m.parameters(), {"base": "lion", "alpha0": 1e-4, "weight_decay": 0.1}),
         (lambda m: m.parameters(), {"base": "lion", "meta": "fixed", "gamma": 0.9}),
+        (lambda m: m.parameters(), {"base": "adam", "weight_decay": 0.05, "gamma": 0.99}),
+        (lambda m: m.parameters(), {"base": "adam", "meta": "fixed", "weight_decay": 0.05}),
     ],
     ids=[
         "defaults",
@@ -124,6 +126,8 @@ def _two_groups(model: Net) -> list[dict[str, Any]]:
         "two-groups",
         "lion-base",
         "lion-base-fixed",
+        "adam-l2",
+        "adam-l2-fixed",
     ],
 )
 def test_equals_the_eager_kernel_in_float64(
@@ -155,11 +159,11 @@ def test_the_plan_takes_it_for_adam_and_lion_bases_only() -> None:
         _step(model, opt, _batches(1)[0])
         kernels = {bucket.kernel for bucket in opt._plan(opt._gather_entries(), True)}
         assert (HOST_COMPILED in kernels) == kernel_taken, base
-    # Adam with an L2 decay needs the slope of its direction: the default kernels take it.
+    # Adam with an L2 decay takes its own body (the slope of u in the trace's decay).
     model = Net()
     opt = MetaOptimize(model.parameters(), base="adam", weight_decay=0.01, fused=True)
     _step(model, opt, _batches(1)[0])
-    assert HOST_COMPILED not in {b.kernel for b in opt._plan(opt._gather_entries(), True)}
+    assert {b.kernel for b in opt._plan(opt._gather_entries(), True)} == {HOST_COMPILED}
 
 
 def test_float32_close_to_the_eager_kernel() -> None:

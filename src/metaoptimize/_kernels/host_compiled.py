@@ -31,11 +31,13 @@ from metaoptimize._types import Entry
 from metaoptimize.base import has_decay
 
 __all__ = [
+    "ADAM_L2",
     "FLAT_MAX_NUMEL",
     "HOST_BODIES",
     "FlatState",
     "HostBody",
     "HostCompiledKernel",
+    "adam_l2_step_body",
     "adam_step_body",
     "host_compiled_supports",
     "lion_step_body",
@@ -48,12 +50,10 @@ _MAX_FLAT_STATES = 8
 
 
 def host_compiled_supports(base: str, entry: Entry, decoupled: bool) -> bool:
-    """Whether the entry can take this kernel (Adam/AdamW without L2 decay, Lion; one dtype)."""
+    """Whether the entry can take this kernel (Adam, AdamW, Lion; every tensor of one dtype)."""
     param, grad, state = entry.param, entry.grad, entry.state
     if base not in HOST_BODIES or "kahan_comp" in state or "wd_trace" in state:
         return False
-    if not decoupled and has_decay(entry.group["weight_decay"]):
-        return False  # an L2 term needs the slope of u (the general kernels have it)
     if param.dtype not in (torch.float32, torch.float64) or grad.dtype != param.dtype:
         return False
     tensors = [param, grad, *(v for v in state.values() if isinstance(v, Tensor) and v.dim())]
@@ -137,6 +137,56 @@ def adam_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float
     ]
 
 
+def adam_l2_step_body(
+    param: Tensor,
+    grad: Tensor,
+    moments: list[Tensor],
+    trace: Tensor | None,
+    scalars: Tensor,
+) -> None:
+    """One Adam step with an L2 decay (torch.optim.Adam's ``weight_decay``) and the trace.
+
+    ``scalars`` = ``[κ, 1-β1, β2, 1-β2, 1/√c2, ε, -α/c1, -(1-β2)/(c2 c1), (1-β1)/c1, γ,
+    -γακ]``. With ``g̃ = g + κw`` the moments take ``g̃``, ``Δ = -α m̂/(√v̂+ε)``, and the trace
+    decays by ``γ(1 - ακ ∂u/∂g̃)``, ``∂u/∂g̃ = ((1-β1)/c1 - (1-β2)/c2 · m̂ g̃ / (√v̂ (√v̂+ε))) /
+    (√v̂+ε)`` (docs/math.md §4), written as the per-tensor host kernel writes it (0/0 taken as
+    0 by ``nan_to_num``).
+    """
+    exp_avg, exp_avg_sq = moments
+    g = grad + param * scalars[0]
+    exp_avg.lerp_(g, scalars[1])
+    exp_avg_sq.mul_(scalars[2]).addcmul_(g, g * scalars[3])
+    rms = exp_avg_sq.sqrt() * scalars[4]
+    denominator = rms + scalars[5]
+    delta = exp_avg / denominator * scalars[6]
+    if trace is not None:
+        ratio = (g * exp_avg / rms / denominator * scalars[7]).nan_to_num(0.0, 0.0, 0.0)
+        slope = (ratio + scalars[8]) / denominator
+        trace.mul_(scalars[9] + scalars[10] * slope).add_(delta)
+    param.add_(delta)
+
+
+def adam_l2_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
+    """The ``scalars`` of :func:`adam_l2_step_body` (``kappa``: the group's L2 decay)."""
+    beta1, beta2 = group["betas"]
+    count = max(count, 1.0)
+    bias1, bias2 = 1.0 - beta1**count, 1.0 - beta2**count
+    gamma = group["gamma"]
+    return [
+        kappa,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        1.0 / math.sqrt(bias2),
+        group["eps"],
+        -alpha / bias1,
+        -((1.0 - beta2) / bias2) / bias1,
+        (1.0 - beta1) / bias1,
+        gamma,
+        -alpha * kappa * gamma,
+    ]
+
+
 @dataclass(frozen=True)
 class HostBody:
     """A base rule's step for this kernel.
@@ -155,7 +205,9 @@ class HostBody:
 
 
 _ADAM = HostBody(adam_step_body, ("exp_avg", "exp_avg_sq"), True, adam_scalars)
-#: The base rules this kernel runs, by name.
+#: Adam with an L2 decay (the group's weight decay goes into the gradient).
+ADAM_L2 = HostBody(adam_l2_step_body, ("exp_avg", "exp_avg_sq"), True, adam_l2_scalars)
+#: The base rules this kernel runs, by name (Adam with an L2 decay takes :data:`ADAM_L2`).
 HOST_BODIES: dict[str, HostBody] = {
     "adam": _ADAM,
     "adamw": _ADAM,
@@ -282,7 +334,7 @@ class HostCompiledKernel:
         compiled_body: Callable[[Callable[..., None], torch.dtype, bool], Callable[..., None]]
         | None = None,
     ) -> None:
-        self._rule = HOST_BODIES.get(base)
+        self._base = base
         self._compiled_body = compiled_body or shared_body
         # Per set of small parameters (their ids): the positions and flat state of each part.
         self._flat: dict[tuple[int, ...], list[tuple[list[int], FlatState]]] = {}
@@ -333,7 +385,9 @@ class HostCompiledKernel:
         compiling fails (the error is raised after).
         """
         group = entries[0].group
-        kappa = group["weight_decay"] if decoupled else 0.0
+        rule = self._host_rule(group, decoupled)
+        # κ: the decoupled decay, or Adam's L2 decay (which its own body applies)
+        kappa = group["weight_decay"] if decoupled or rule is ADAM_L2 else 0.0
         small: list[Entry] = []
         large: list[Entry] = []
         for entry in entries:
@@ -341,11 +395,11 @@ class HostCompiledKernel:
         done: list[Entry] = []
         try:
             for part, flat in self._flat_parts(small, with_trace) if small else []:
-                self._flat_step(part, flat, alpha, kappa, with_trace)
+                self._flat_step(rule, part, flat, alpha, kappa, with_trace)
                 done += part
             for entry in large:
                 if _contiguous(entry):
-                    self._tensor_step(entry, alpha, kappa, with_trace)
+                    self._tensor_step(rule, entry, alpha, kappa, with_trace)
                 else:
                     fallback([entry])
                 done.append(entry)
@@ -371,7 +425,7 @@ class HostCompiledKernel:
             by_count.setdefault(count, []).append(position)
         if len(self._flat) >= _MAX_FLAT_STATES:
             self._flat.clear()  # gradients on ever-changing subsets: start over
-        rule = self._host_rule()
+        rule = HOST_BODIES[self._base]  # every body of a base keeps the same state
         keys = (*rule.moments, "trace") if with_trace else rule.moments
         built = [
             (p, FlatState([small[i] for i in p], keys, rule.counted)) for p in by_count.values()
@@ -386,6 +440,7 @@ class HostCompiledKernel:
 
     def _flat_step(
         self,
+        rule: HostBody,
         small: Sequence[Entry],
         flat: FlatState,
         alpha: float,
@@ -399,7 +454,6 @@ class HostCompiledKernel:
         grad, flat.grad = flat.grad, None
         if grad is None:  # not prepared this step
             grad = torch.cat([e.grad.view(-1) for e in small], out=flat.gathered[1])
-        rule = self._host_rule()
         scalars = rule.scalars(small[0].group, count + 1.0, alpha, kappa)
         buffers = flat.buffers
         self._compiled_body(rule.body, param.dtype, with_trace)(
@@ -412,9 +466,10 @@ class HostCompiledKernel:
         torch._foreach_copy_(weights, list(param.split_with_sizes(flat.sizes)))
         flat.advance()
 
-    def _tensor_step(self, entry: Entry, alpha: float, kappa: float, with_trace: bool) -> None:
+    def _tensor_step(
+        self, rule: HostBody, entry: Entry, alpha: float, kappa: float, with_trace: bool
+    ) -> None:
         state = entry.state
-        rule = self._host_rule()
         step = state["step"] if rule.counted else None
         count = 0.0 if step is None else step.item()
         scalars = rule.scalars(entry.group, count + 1.0, alpha, kappa)
@@ -428,6 +483,9 @@ class HostCompiledKernel:
         if step is not None:
             step.add_(host_constant(1.0, step))
 
-    def _host_rule(self) -> HostBody:
-        assert self._rule is not None, "the plan sends only HOST_BODIES' rules here"
-        return self._rule
+    def _host_rule(self, group: dict[str, Any], decoupled: bool) -> HostBody:
+        """The body for this base and group (Adam with an L2 decay has its own)."""
+        if not decoupled and has_decay(group["weight_decay"]):
+            assert self._base == "adam", "only Adam's L2 decay has a body here"
+            return ADAM_L2
+        return HOST_BODIES[self._base]
