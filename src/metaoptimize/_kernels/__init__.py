@@ -168,9 +168,9 @@ def plan_kernels(
     """Group the entries by kernel, once per step.
 
     ``FOREACH`` gets a bucket per (param group, device, dtype), ``HOST_COMPILED`` one per
-    (param group, dtype, block); every other kernel one bucket of its entries. Entry order is kept within each bucket. A CPU bucket the default put on the
-    multi-tensor kernel runs per tensor when it holds fewer than
-    :data:`CPU_FOREACH_MIN_TENSORS` tensors.
+    (param group, dtype, block); every other kernel one bucket of its entries. Entry order is
+    kept within each bucket. A CPU bucket the default put on the multi-tensor kernel runs per
+    tensor when it holds fewer than :data:`CPU_FOREACH_MIN_TENSORS` tensors.
     """
     buckets: dict[tuple[Any, ...], Bucket] = {}
     for entry in entries:

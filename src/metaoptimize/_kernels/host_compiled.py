@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaoptimize._kernels.compiled import compile_own_copy
+from metaoptimize._kernels.compiled import compile_own_copy, supports_fused
 from metaoptimize._math import host_constant
 from metaoptimize._types import Entry
-from metaoptimize.base import has_decay
+from metaoptimize.base import has_decay, host_bias_correction
 
 __all__ = [
     "ADAM_L2",
@@ -123,8 +123,7 @@ def lion_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float
 def adam_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
     """The ``scalars`` of :func:`adam_step_body` for step ``count`` (after its increment)."""
     beta1, beta2 = group["betas"]
-    count = max(count, 1.0)
-    bias1, bias2 = 1.0 - beta1**count, 1.0 - beta2**count
+    bias1, bias2 = host_bias_correction(beta1, count), host_bias_correction(beta2, count)
     root2 = math.sqrt(bias2)
     return [
         1.0 - beta1,
@@ -169,8 +168,7 @@ def adam_l2_step_body(
 def adam_l2_scalars(group: dict[str, Any], count: float, alpha: float, kappa: float) -> list[float]:
     """The ``scalars`` of :func:`adam_l2_step_body` (``kappa``: the group's L2 decay)."""
     beta1, beta2 = group["betas"]
-    count = max(count, 1.0)
-    bias1, bias2 = 1.0 - beta1**count, 1.0 - beta2**count
+    bias1, bias2 = host_bias_correction(beta1, count), host_bias_correction(beta2, count)
     gamma = group["gamma"]
     return [
         kappa,
@@ -221,20 +219,15 @@ def _flat_member(entry: Entry) -> bool:
     return param.numel() <= FLAT_MAX_NUMEL and param.is_contiguous() and entry.grad.is_contiguous()
 
 
-def _contiguous(entry: Entry) -> bool:
-    tensors = (entry.param, entry.grad, *entry.state.values())
-    return all(t.is_contiguous() for t in tensors if isinstance(t, Tensor))
-
-
 class FlatState:
     """The state (moments and trace) of a fixed list of small parameters, in flat buffers.
 
     Each parameter's state entries become views of one buffer per key, and its step counter
-    (``counted``) a 0-d view of one buffer of counts; everything that reads or writes the state (the state
-    dict, the other kernels) sees ordinary per-parameter tensors. The buffers stay in use while
-    every entry is still the view placed there (a loaded state dict or a new trace replaces
-    them) and every count is the one this class last wrote (a step taken by another kernel,
-    with some parameters left out, changes some).
+    (``counted``) a 0-d view of one buffer of counts; everything that reads or writes the
+    state (the state dict, the other kernels) sees ordinary per-parameter tensors. The buffers
+    stay in use while every entry is still the view placed there (a loaded state dict or a new
+    trace replaces them) and the counts are equal (a step that left some parameters out makes
+    them differ; the kernel then splits the parameters by count).
     """
 
     def __init__(self, entries: Sequence[Entry], keys: Sequence[str], counted: bool) -> None:
@@ -398,7 +391,7 @@ class HostCompiledKernel:
                 self._flat_step(rule, part, flat, alpha, kappa, with_trace)
                 done += part
             for entry in large:
-                if _contiguous(entry):
+                if supports_fused(entry.param, entry.grad, entry.state):  # flat views
                     self._tensor_step(rule, entry, alpha, kappa, with_trace)
                 else:
                     fallback([entry])

@@ -23,6 +23,7 @@ __all__ = [
     "Slope",
     "TensorList",
     "has_decay",
+    "host_bias_correction",
     "is_decoupled",
     "is_one",
     "operand",
@@ -115,13 +116,13 @@ def bias_corrections(
     """:func:`bias_correction` for several betas, reading the step counter once."""
     if isinstance(ok, float):
         count = step.item()
-        return [_host_bias_correction(beta, count) for beta in betas]
+        return [host_bias_correction(beta, count) for beta in betas]
     # step is clamped to 1 so a step skipped before any real step never divides by zero.
     clamped = step.clamp_min(1.0)
     return [1.0 - torch.pow(beta, clamped) for beta in betas]
 
 
-def _host_bias_correction(beta: float, step: float) -> float:
+def host_bias_correction(beta: float, step: float) -> float:
     """``1 - β^max(t, 1)`` on a step count read on the host."""
     return 1.0 - float(beta ** max(step, 1.0))
 
@@ -209,7 +210,7 @@ def foreach_bias_corrections(beta: float, counts: Scalars) -> Scalars:
     """``1 - β^max(t, 1)`` per tensor (as :func:`bias_correction`), floats for float counts."""
     if counts and isinstance(counts[0], float):
         # The tensors of a group have mostly one step count: one power per distinct count.
-        corrections = {t: _host_bias_correction(beta, float(t)) for t in set(counts)}
+        corrections = {t: host_bias_correction(beta, float(t)) for t in set(counts)}
         return [corrections[t] for t in counts]
     powers = torch._foreach_pow(beta, torch._foreach_clamp_min(counts, 1.0))  # type: ignore[arg-type]
     return torch._foreach_add(torch._foreach_neg(powers), 1.0)
