@@ -289,10 +289,16 @@ def measure_all(
     if rounds == 1:
         rows = []
         for name, build in builds.items():
-            timed = Timed(name, build, device, model_name)
-            timed.run(repeats)
-            rows.append(timed.result())
-            del timed
+            try:
+                timed = Timed(name, build, device, model_name)
+                timed.run(repeats)
+                rows.append(timed.result())
+                del timed
+            except Exception as error:  # noqa: BLE001 - one broken row must not end the run
+                print(f"{name}: failed: {error!r:.300}", flush=True)
+                rows.append({"optimizer": name, "error": repr(error)})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         return rows
     everyone = [Timed(name, build, device, model_name) for name, build in builds.items()]
     per_round = max(1, repeats // rounds)
@@ -329,6 +335,8 @@ def main() -> None:
     rows = measure_all(builds, device, args.repeats, args.model, rounds)
     # CUDA: the ratios are to the fastest of torch's three AdamW kernels. CPU: to the faster
     # of the for-loop and foreach ones (the yardstick); the fused one is a row.
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     baselines = [
         r
         for r in rows
@@ -354,7 +362,10 @@ def main() -> None:
             f"{row['optimizer']:<36} {row['step_ms']:9.2f} {row['step_ratio']:6.2f} "
             f"{row['train_step_ms']:9.2f} {row['train_ratio']:6.2f} "
             f"{row['state_tensors_per_param']:11.2f}"
+            + (f" {row['peak_cuda_mb']:9.0f} MB peak" if row["peak_cuda_mb"] is not None else "")
         )
+    for row in failed:
+        print(f"{row['optimizer']:<36} failed: {row['error']:.200}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
@@ -365,6 +376,7 @@ def main() -> None:
                     "platform": platform.platform(),
                     "threads": torch.get_num_threads(),
                     "rows": rows,
+                    "failed": failed,
                 },
                 handle,
                 indent=1,
