@@ -1,7 +1,7 @@
 """``fused=True`` on CPU for Adam(W): the host-compiled kernel equals the eager one in float64.
 
-The kernel (metaoptimize._kernels.host_compiled) updates small tensors together through flat
-state buffers whose views are the state dict's entries, and large tensors one call each; the
+The kernel (metaoptimize._kernels.host_compiled) takes one compiled call per tensor, with the
+small tensors merged into one flat tensor (metaoptimize._kernels.flat, tests/test_flat.py); the
 per-tensor eager kernel with host scalars (``foreach=False``) is the oracle.
 """
 
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from helpers import DTYPE, flat_step_sizes
 from metaoptimize import MetaOptimize
 from metaoptimize._kernels import HOST_COMPILED
-from metaoptimize._kernels.host_compiled import FLAT_MAX_NUMEL, FlatState, HostCompiledKernel
+from metaoptimize._kernels.flat import FLAT_MAX_NUMEL
+from metaoptimize._kernels.host_compiled import HostCompiledKernel
 
 
 class Net(nn.Module):
@@ -138,9 +139,10 @@ def test_equals_the_eager_kernel_in_float64(
         _step(eager_model, eager, batch)
         _step(fused_model, fused, batch)
         _assert_equal(eager_model, eager, fused_model, fused)
-    # It ran: the small tensors' state lives in flat buffers, the large tensor's does not.
+    # The small tensors' state lives in flat buffers (not with one block per tensor: nothing
+    # to merge), the large tensor's does not.
     small, large = fused.state[fused_model.out.weight], fused.state[fused_model.hidden.weight]
-    assert small["exp_avg"]._base is not None
+    assert (small["exp_avg"]._base is not None) == (kwargs.get("blocks") != "tensor")
     assert small["exp_avg"].shape == (3, 180)
     assert large["exp_avg"]._base is None
     # Three parameter-sized state tensors with the trace (two without), as the other kernels.
@@ -207,8 +209,11 @@ def test_steps_taken_apart_split_the_flat_state_by_step_count() -> None:
         _assert_equal(eager_model, eager, fused_model, fused)
     counts = {fused.state[p]["step"].item() for p in fused_model.parameters()}
     assert counts == {5.0, 6.0}
-    (parts,) = fused._kernels.host_compiled._flat.values()
-    assert sorted(len(positions) for positions, _ in parts) == [1, 2]  # the bias apart
+    # The last step's bucket: the hidden bias and output weight merged, the bias (one step
+    # behind) and the large weight apart.
+    parts, rest = list(fused._kernels.flat._kept.values())[-1]
+    assert [len(positions) for positions, _ in parts] == [2]
+    assert len(rest) == 2
 
 
 def test_parameters_added_later_step_in_a_flat_state_of_their_own() -> None:
@@ -268,35 +273,6 @@ def test_compile_failure_falls_back_with_one_warning() -> None:
             _assert_equal(eager_model, eager, fused_model, fused)
     assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
     assert fused._kernels.compile_failed
-
-
-def test_flat_state_notices_replaced_entries_and_counts() -> None:
-    params = [torch.zeros(3, dtype=DTYPE), torch.zeros(2, 2, dtype=DTYPE)]
-    states: list[dict[str, Any]] = [
-        {"step": torch.tensor(4.0, dtype=DTYPE), "exp_avg": torch.full_like(p, float(i))}
-        for i, p in enumerate(params)
-    ]
-
-    class Entry:
-        def __init__(self, param: Tensor, state: dict[str, Any]) -> None:
-            self.param, self.state = param, state
-
-    entries: Any = [Entry(p, s) for p, s in zip(params, states, strict=True)]
-    flat = FlatState(entries, ["exp_avg"], counted=True)
-    assert flat.buffers["exp_avg"].tolist() == [0.0] * 3 + [1.0] * 4
-    assert states[1]["exp_avg"].shape == (2, 2)
-    assert flat.current(entries)
-    assert flat.count() == 4.0
-    flat.advance()
-    assert [s["step"].item() for s in states] == [5.0, 5.0]
-    assert flat.count() == 5.0
-    states[0]["step"].add_(1.0)  # a step taken by another kernel
-    assert flat.count() is None
-    entries[0].state = dict(states[0])  # a loaded state dict: new dicts
-    assert not flat.current(entries)
-    assert flat.holds_views()
-    states[1]["exp_avg"] = torch.zeros(2, 2, dtype=DTYPE)  # an entry replaced
-    assert not flat.holds_views()
 
 
 def test_a_deep_copy_continues_the_run() -> None:

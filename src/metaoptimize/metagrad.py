@@ -56,7 +56,6 @@ def meta_gradient(
     reduce_group: Any,
     reduce_blocks: bool,
     host: bool = False,
-    presummed: Sequence[tuple[Sequence[Entry], Tensor]] = (),
 ) -> MetaGradient:
     """The meta-gradient of this step.
 
@@ -76,8 +75,6 @@ def meta_gradient(
             rank's own, as its blocks are).
         host: decide the verdict on the host, as a Python bool (reading a CPU tensor is not
             a synchronisation, and a handful of floats is cheaper to check there).
-        presummed: ``(entries, <h, g> summed over them)`` where a kernel took the sum already
-            (entries of one block, unsharded, no learned weight decay; host block path only).
     """
     if meta_active and not per_weight:
         return _block_meta_gradient(
@@ -89,7 +86,6 @@ def meta_gradient(
             dtype,
             reduce_group if reduce_blocks else None,
             host,
-            presummed,
         )
     grads = [e.grad for e in entries]
     weight = (
@@ -152,12 +148,10 @@ def _block_meta_gradient(
     dtype: torch.dtype,
     block_group: Any,
     host: bool,
-    presummed: Sequence[tuple[Sequence[Entry], Tensor]] = (),
 ) -> MetaGradient:
     traces = ("trace", "wd_trace") if learn_weight_decay else ("trace",)
     if host and block_group is None and entries:
-        return _host_block_meta_gradient(entries, num_blocks, traces, dtype, presummed)
-    assert not presummed, "presummed dots are for the host block path"
+        return _host_block_meta_gradient(entries, num_blocks, traces, dtype)
     z = torch.zeros(len(traces) * num_blocks, dtype=dtype, device=home)
     partials = [
         _partial(e.state[key], e.grad, e.share, home, dtype) for key in traces for e in entries
@@ -180,26 +174,17 @@ def _host_block_meta_gradient(
     num_blocks: int,
     traces: tuple[str, ...],
     dtype: torch.dtype,
-    presummed: Sequence[tuple[Sequence[Entry], Tensor]] = (),
 ) -> MetaGradient:
     """:func:`_block_meta_gradient` summed on the host: one read of the dots, no scatter.
 
     The block sums are rounded to ``dtype`` as the tensor form stores them, so the verdict and
     the meta step see the values the device path would (a sum past ``dtype``'s range is inf).
-    ``presummed`` sums (one block each) replace their entries' dots.
     """
-    if presummed:
-        summed = {id(e) for group, _ in presummed for e in group}
-        entries = [e for e in entries if id(e) not in summed]
     dots = [_dot(e.state[key], e.grad) for key in traces for e in entries]
-    dots += [total for _, total in presummed]
     values = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
     z = [0.0] * (len(traces) * num_blocks)
-    count = len(traces) * len(entries)
-    for index, value in enumerate(values[:count]):
+    for index, value in enumerate(values):
         row, entry = divmod(index, len(entries))
         z[row * num_blocks + entries[entry].block] += value * entries[entry].share
-    for (group, _), value in zip(presummed, values[count:], strict=True):
-        z[group[0].block] += value
     z = round_floats(z, dtype)
     return MetaGradient(all(map(math.isfinite, z)), z)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -23,6 +23,7 @@ from metaoptimize._kernels import (
     layout_sensitive,
     plan_kernels,
 )
+from metaoptimize._kernels.flat import Merged
 from metaoptimize._kernels.runner import KernelRunner, StepScalars
 from metaoptimize._kernels.triton import triton_available
 from metaoptimize._math import as_dtype
@@ -124,12 +125,11 @@ class MetaOptimize(Optimizer):
         fused: run each parameter's update through ``torch.compile`` (one fused pass over
             memory, every base rule; tensors must be contiguous, others use the eager path).
             The first step compiles (seconds). On CPU with block step sizes, the Adam,
-            AdamW and Lion bases compile a step with host scalars and update small tensors together
-            through flat state buffers (the state entries are views of them; two gather
-            buffers the size of the small tensors together are kept besides); the other
-            bases keep the default kernels, which measured faster than the general compiled
-            one, unless ``fused_backend="compile"``; per-weight step sizes compile their
-            large tensors (docs/performance.md).
+            AdamW and Lion bases compile a step with host scalars (one call per tensor, the
+            small tensors merged into one, as ``foreach`` describes); the other bases keep
+            the default kernels, which measured faster than the general compiled one, unless
+            ``fused_backend="compile"``; per-weight step sizes compile their large tensors
+            (docs/performance.md).
         trace_dtype: dtype of the trace ``h`` (default: the optimizer state dtype). For
             example ``torch.bfloat16`` halves the trace's memory; the meta-gradient is still
             accumulated in the gradient's dtype (docs/performance.md measures the effect).
@@ -151,7 +151,11 @@ class MetaOptimize(Optimizer):
             (``torch._foreach_*``) operations, one launch per operation instead of one per
             tensor. Default None: on for CUDA tensors and for CPU tensors of at most 32768
             elements, where the per-tensor kernel's fixed cost dominates (docs/performance.md).
-            ``fused=True`` takes precedence for the tensors it supports.
+            ``fused=True`` takes precedence for the tensors it supports. On CPU (not with
+            ``foreach=False``) the small tensors of a param group and block, three or more,
+            step as one flat tensor: their state entries become views of one flat buffer per key, and two
+            buffers the size of those tensors together hold their gathered weights and
+            gradients.
         trace: ``"hessian-free"`` (default; paper Algorithm 3) or ``"hessian"``: keep the
             Hessian terms of the trace (paper Algorithm 1) with Hessian-vector products.
             ``"hessian"`` needs ``step(closure)``, where the closure recomputes and *returns*
@@ -458,19 +462,20 @@ class MetaOptimize(Optimizer):
         # no per-tensor 0-d arithmetic). CUDA keeps the sync-free device path.
         host_scalars = self._home.type == "cpu" and not self._device_scalars
 
-        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6); a
-        # kernel may gather its gradients first and take its part of the sum in one dot.
+        # The kernel of each parameter; on CPU the small tensors of a bucket step as one flat
+        # tensor from here on (meta-gradient, kernels, meta step), their weights gathered.
         buckets = self._plan(entries, host_scalars)
+        merged: list[Merged] = []
+        if host_scalars and self._sharding.mesh(self.param_groups) is None:
+            buckets, merged = self._kernels.merge(buckets, self.layout.per_weight)
+            entries = [e for bucket in buckets for e in bucket.entries]
+
+        # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
         meta_active = self._step_size.rule.active
-        # (Only where the meta-gradient is summed on the host: not across ranks.)
-        presummed = []
-        if host_scalars and reduce_group is None:
-            presummed = self._kernels.prepare(buckets, meta_active)
         blocks = tuple(e.block for e in entries)
-        grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars, presummed)
+        grads = self._meta_gradient(entries, blocks, reduce_group, host_scalars)
         if host_scalars and not bool(grads.finite):
-            self._kernels.discard_prepared()
-            self._skipped.add_(1)
+            self._skipped.add_(1)  # the gathered weights are dropped
             return loss
 
         # 2. Base step and trace update, all with α_t: one kernel per bucket.
@@ -483,6 +488,8 @@ class MetaOptimize(Optimizer):
         )
         for bucket in buckets:
             self._kernels.run(bucket, scalars)
+        for part in merged:
+            part.scatter()
 
         # 3. Meta steps on β = log α (after the weight step, as in the paper); per-weight
         # step sizes are compiled where the weight step was.
@@ -569,7 +576,6 @@ class MetaOptimize(Optimizer):
         blocks: tuple[int, ...],
         reduce_group: Any,
         host: bool,
-        presummed: Sequence[tuple[Sequence[Entry], Tensor]] = (),
     ) -> MetaGradient:
         layout = self.layout
         block_index = self._block_indices(blocks)[0] if entries else None
@@ -586,7 +592,6 @@ class MetaOptimize(Optimizer):
             reduce_blocks=self._sharding.partition_group is None
             or layout.mode in ("scalar", "group"),
             host=host,
-            presummed=presummed,
         )
 
     def _decoupled(self, group: dict[str, Any]) -> bool:

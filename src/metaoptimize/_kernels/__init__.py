@@ -7,7 +7,9 @@
 * :mod:`~metaoptimize._kernels.compiled`: the eager kernel compiled by ``torch.compile``
   (``fused=True``).
 * :mod:`~metaoptimize._kernels.host_compiled`: ``fused=True`` on CPU for the Adam, AdamW and
-  Lion bases: scalars from the host, small tensors in flat state buffers, few compiled calls.
+  Lion bases: scalars from the host, one compiled call per tensor.
+* :mod:`~metaoptimize._kernels.flat`: on CPU the small tensors of a multi-tensor or
+  host-compiled bucket step as one flat tensor (state in flat buffers), for every kernel.
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
   bases (``fused=True`` on CUDA).
 """
@@ -74,8 +76,8 @@ class KernelOptions:
         per_weight: one step size per weight (the Triton kernels take one per tensor).
         triton_failed: a Triton kernel failed to build earlier in this optimizer's life.
         compile_failed: ``torch.compile`` failed earlier in this optimizer's life.
-        sharded: the parameters are DTensor shards (their state is viewed anew every step,
-            so the host-compiled kernel's flat state cannot hold it).
+        sharded: the parameters are DTensor shards (their state is viewed anew every step;
+            neither the flat merge nor the host-compiled kernel takes them).
     """
 
     base: str
@@ -107,9 +109,10 @@ def choose_kernel(entry: Entry, options: KernelOptions, decoupled: bool) -> str:
     param, grad, state = entry.param, entry.grad, entry.state
     fused = options.fused and not options.compile_failed
     if options.host_scalars and options.fused_backend == "auto" and not options.per_weight:
-        # On CPU with block step sizes, fused=True compiles the Adam(W)/Lion step with host scalars
-        # and flat state for small tensors; for the other bases the eager kernels with Python
-        # scalars beat the compiled one on every model measured (docs/performance.md).
+        # On CPU with block step sizes, fused=True compiles the Adam(W)/Lion step with host
+        # scalars (small tensors merged into one flat tensor); for the other bases the eager
+        # kernels with Python scalars beat the compiled one on every model measured
+        # (docs/performance.md).
         # "compile" forces the general compiled kernel. Per-weight step sizes have more
         # passes to fuse.
         if (

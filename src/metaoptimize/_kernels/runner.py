@@ -24,6 +24,7 @@ from metaoptimize._kernels.compiled import (
     fused_parameter_step,
 )
 from metaoptimize._kernels.eager import meta_step, parameter_step
+from metaoptimize._kernels.flat import FlatMerger, Merged
 from metaoptimize._kernels.foreach import foreach_parameter_step
 from metaoptimize._kernels.host_compiled import HostCompiledKernel
 from metaoptimize._kernels.triton import triton_parameter_step
@@ -102,6 +103,7 @@ class KernelRunner:
         self._compiled: Callable[..., None] | None = None
         self._compiled_meta: Callable[..., None] | None = None
         self.host_compiled = HostCompiledKernel(base.name)
+        self.flat = FlatMerger()
 
     def __getstate__(self) -> dict[str, Any]:
         """For copies and pickles: compiled functions are rebuilt when next needed."""
@@ -185,23 +187,22 @@ class KernelRunner:
             ),
         )
 
-    def prepare(
-        self, buckets: Sequence[Bucket], with_trace: bool
-    ) -> list[tuple[list[Entry], Tensor]]:
-        """The kernels' work that comes before the meta-gradient (host scalars).
+    def merge(self, buckets: list[Bucket], per_weight: bool) -> tuple[list[Bucket], list[Merged]]:
+        """The buckets with their small CPU tensors merged into flat entries (host scalars).
 
-        The host-compiled kernel gathers its flat gradients and returns the ``(entries,
-        <h, g>)`` sums it took in one dot each.
+        The multi-tensor and host-compiled buckets merge theirs (:mod:`.flat`); the others
+        run per tensor by choice. Call :meth:`Merged.scatter` on each part after the kernels.
         """
-        sums: list[tuple[list[Entry], Tensor]] = []
+        merged: list[Merged] = []
+        planned: list[Bucket] = []
         for bucket in buckets:
-            if bucket.kernel == HOST_COMPILED and not self.compile_failed:
-                sums += self.host_compiled.prepare(bucket.entries, with_trace)
-        return sums
-
-    def discard_prepared(self) -> None:
-        """Drop what :meth:`prepare` gathered (the step was skipped)."""
-        self.host_compiled.discard()
+            if bucket.kernel in (FOREACH, HOST_COMPILED):
+                entries, part = self.flat.merge(bucket.entries, by_block=not per_weight)
+                if part is not None:
+                    merged.append(part)
+                    bucket = Bucket(bucket.kernel, entries)
+            planned.append(bucket)
+        return planned, merged
 
     def _host_compiled_bucket(self, entries: list[Entry], scalars: StepScalars) -> None:
         """One (param group, dtype, block) bucket with ``fused=True`` on CPU (Adam(W), Lion)."""
