@@ -156,6 +156,23 @@ def test_state_dict_round_trip_and_resume() -> None:
     _assert_equal(oracle_model, oracle, resumed_model, resumed)
 
 
+def test_a_state_dict_holds_its_own_tensors() -> None:
+    """The saved entries are copies, each with its own storage, equal to the live state."""
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters(), weight_decay=0.01, blocks="weight")
+    for batch in batches(2):
+        step_together([(model, opt)], batch)
+    saved = opt.state_dict()["state"]
+    storages = set()
+    for index, p in enumerate(model.parameters()):
+        assert _merged(opt, p)
+        for key, value in saved[index].items():
+            torch.testing.assert_close(value, opt.state[p][key], rtol=0, atol=0)
+            assert not value._is_view()
+            storages.add(value.untyped_storage().data_ptr())
+    assert len(storages) == sum(len(s) for s in saved.values())
+
+
 def test_a_deep_copy_continues_the_run_bitwise() -> None:
     model = TinyNet()
     opt = MetaOptimize(model.parameters(), weight_decay=0.01)
@@ -219,3 +236,34 @@ def test_flat_state_notices_replaced_entries_keys_and_counts() -> None:
     assert flat.holds_views()
     states[1]["exp_avg"] = torch.zeros(2, 2, dtype=DTYPE)  # an entry replaced
     assert not flat.holds_views()
+
+
+def test_channels_last_and_zero_dim_parameters_merge() -> None:
+    """A channels-last convolution weight and a 0-d parameter merge with the rest: the flat
+    views follow each tensor's logical order, as its copies in and out do."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3).to(DTYPE, memory_format=torch.channels_last)
+            self.temperature = nn.Parameter(torch.tensor(0.7, dtype=DTYPE))
+            self.out = nn.Linear(4, 2).to(DTYPE)
+
+        def forward(self, x: Tensor) -> Tensor:
+            hidden = self.conv(x.contiguous(memory_format=torch.channels_last)).mean((2, 3))
+            return self.out(hidden) * self.temperature
+
+    models = [Net(), Net()]
+    oracle = MetaOptimize(models[0].parameters(), foreach=False, weight_decay=0.01)
+    opt = MetaOptimize(models[1].parameters(), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(4, 3, 6, 6, generator=generator, dtype=DTYPE)
+        for model, o in zip(models, (oracle, opt), strict=True):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    _assert_equal(models[0], oracle, models[1], opt)
+    assert all(_merged(opt, p) for p in models[1].parameters())
+    assert models[1].conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -728,6 +728,17 @@ class MetaOptimize(Optimizer):
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group.pop("partition_group", None)  # re-copied by ZeroRedundancyOptimizer
+        saved = state_dict["state"]
+        for index, state in saved.items():
+            # The CPU kernels keep small tensors' state as views of flat buffers: saved as
+            # copies, each entry is its own tensor (a file holds what it names; tools that
+            # refuse shared storage, such as safetensors, take it). The live dicts are
+            # torch.optim's packed entries: new dicts, not edits.
+            if any(isinstance(v, Tensor) and v._is_view() for v in state.values()):
+                saved[index] = {
+                    key: value.clone() if isinstance(value, Tensor) and value._is_view() else value
+                    for key, value in state.items()
+                }
         log_alpha, meta_state = self._step_size.saved()
         log_wd, wd_meta_state = self._weight_decay.saved()
         rule = self._step_size.rule
