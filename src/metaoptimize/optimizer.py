@@ -153,9 +153,9 @@ class MetaOptimize(Optimizer):
             elements, where the per-tensor kernel's fixed cost dominates (docs/performance.md).
             ``fused=True`` takes precedence for the tensors it supports. On CPU (not with
             ``foreach=False``) the small tensors of a param group and block, three or more,
-            step as one flat tensor: their state entries become views of one flat buffer per key, and two
-            buffers the size of those tensors together hold their gathered weights and
-            gradients.
+            step as one flat tensor: their state entries become views of one flat buffer per
+            key, and two buffers the size of those tensors together hold their gathered
+            weights and gradients.
         trace: ``"hessian-free"`` (default; paper Algorithm 3) or ``"hessian"``: keep the
             Hessian terms of the trace (paper Algorithm 1) with Hessian-vector products.
             ``"hessian"`` needs ``step(closure)``, where the closure recomputes and *returns*
