@@ -32,6 +32,8 @@ __all__ = ["FLAT_MAX_NUMEL", "FlatMerger", "FlatState", "Merged", "flat_member"]
 FLAT_MAX_NUMEL = 32768
 #: Sets of merged parameters kept per optimizer (one per set seen with gradients).
 _MAX_KEPT = 8
+#: Builds of flat states an optimizer may take before it checks how often it builds.
+_MAX_REBUILDS = 8
 #: State entries that keep an entry out: the Kahan compensation (bfloat16 weights) and the
 #: learned weight decay's trace (its kernels run per tensor).
 _UNMERGED_KEYS = ("kahan_comp", "wd_trace")
@@ -181,19 +183,30 @@ class Merged:
 
 
 class FlatMerger:
-    """Merges the small entries of a bucket, keeping their flat states between steps."""
+    """Merges the small entries of a bucket, keeping their flat states between steps.
+
+    Building the flat states costs a copy of the state; where the parameters with gradients
+    change from step to step (a mixture of experts, say) they would be rebuilt on every step,
+    which costs more than merging saves. So merging stops for good, and the entries step as
+    they are, once more than :data:`_MAX_REBUILDS` builds have come on more than a quarter of
+    the calls.
+    """
 
     def __init__(self) -> None:
         # Per bucket (its parameters' ids and blocks): the positions and flat state of each
         # part, and the positions left as they are.
         self._kept: dict[tuple[Any, ...], tuple[list[tuple[list[int], FlatState]], list[int]]] = {}
+        self._calls = 0
+        self._builds = 0
+        #: False once merging stopped (see the class docstring)
+        self.enabled = True
 
     def __getstate__(self) -> dict[str, Any]:
         """For copies and pickles: no flat states (keyed by parameter ids).
 
         They are rebuilt from the copied state entries when next needed.
         """
-        return {"_kept": {}}
+        return {**self.__dict__, "_kept": {}}
 
     def merge(self, entries: list[Entry], by_block: bool) -> tuple[list[Entry], Merged | None]:
         """``entries`` with each part of two or more small ones replaced by its merged entry.
@@ -201,12 +214,19 @@ class FlatMerger:
         A part is a block (``by_block``; per-weight step sizes need none) and a step count.
         Call :meth:`Merged.scatter` after the kernels ran, and only then.
         """
+        if not self.enabled:
+            return entries, None
+        self._calls += 1
         key = (*map(id, [e.param for e in entries]), *[e.block for e in entries])
         kept = self._kept.get(key)
         if kept is None or not all(
             flat.current([entries[i] for i in positions]) and flat.count() is not None
             for positions, flat in kept[0]
         ):
+            self._builds += 1
+            if self._builds > _MAX_REBUILDS and 4 * self._builds > self._calls:
+                self.enabled, self._kept = False, {}
+                return entries, None
             kept = self._build(entries, by_block)
             if len(self._kept) >= _MAX_KEPT:
                 self._kept.clear()  # gradients on ever-changing subsets: start over
