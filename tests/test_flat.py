@@ -72,6 +72,29 @@ def test_merged_steps_equal_the_per_tensor_kernel_in_float64(kwargs: dict[str, A
         assert all(_merged(opt, p) for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "kernel"),
+    [
+        ({}, "host"),  # one merged tensor: the per-tensor kernel (fewer passes)
+        ({"blocks": "weight"}, "foreach"),  # measured faster there
+        ({"foreach": True}, "foreach"),  # asked for
+    ],
+)
+def test_the_kernel_of_a_merged_bucket(kwargs: dict[str, Any], kernel: str) -> None:
+    model = TinyNet()
+    opt = MetaOptimize(model.parameters(), weight_decay=0.01, **kwargs)
+    ran: list[tuple[str, int]] = []
+    run = opt._kernels.run
+
+    def spy(bucket: Any, scalars: Any) -> None:
+        ran.append((bucket.kernel, len(bucket.entries)))
+        run(bucket, scalars)
+
+    opt._kernels.run = spy  # type: ignore[method-assign]
+    step_together([(model, opt)], batches(1)[0])
+    assert ran == [(kernel, 1)]
+
+
 def test_tensor_blocks_merge_nothing() -> None:
     """Each tensor its own block: no part of two, so every tensor steps on its own."""
     oracle_model, oracle, model, opt = _pair(blocks="tensor", weight_decay=0.01)

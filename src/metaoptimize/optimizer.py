@@ -467,7 +467,9 @@ class MetaOptimize(Optimizer):
         buckets = self._plan(entries, host_scalars)
         merged: list[Merged] = []
         if host_scalars and self._sharding.mesh(self.param_groups) is None:
-            buckets, merged = self._kernels.merge(buckets, self.layout.per_weight)
+            buckets, merged = self._kernels.merge(
+                buckets, self.layout.per_weight, chosen_kernels=self._foreach is None
+            )
             entries = [e for bucket in buckets for e in bucket.entries]
 
         # 1. Meta-gradient with the trace from before this step (paper Alg. 3, line 6).
