@@ -95,14 +95,15 @@ def test_meta_off_makes_every_granularity_identical(
         )
         train(model, opt, batches(STEPS))
         runs.append([p.detach() for p in model.parameters()])
-    # Block step sizes are the same arithmetic at every granularity: bitwise equal. Per-weight
-    # step sizes multiply by α elementwise where a block's α folds into the update's last
-    # operation (Quotient): equal to the last bits of float64.
-    for other in runs[1:-1]:
+    # Block step sizes are the same update at every granularity, but not always the same
+    # kernel on CPU: one block merges the small tensors into one flat tensor for the
+    # per-tensor kernel, one block per tensor leaves them to the multi-tensor kernel, whose
+    # AdamW update rounds differently with a decoupled decay. Per-weight step sizes multiply
+    # by α elementwise where a block's α folds into the update's last operation (Quotient).
+    # All equal to the last bits of float64.
+    for other in runs[1:]:
         for x, y in zip(runs[0], other, strict=True):
-            torch.testing.assert_close(x, y, rtol=0, atol=0)
-    for x, y in zip(runs[0], runs[-1], strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
 
 
 def test_weight_blocks_on_scalar_parameters_equal_tensor_blocks() -> None:

@@ -95,6 +95,25 @@ def test_the_kernel_of_a_merged_bucket(kwargs: dict[str, Any], kernel: str) -> N
     assert ran == [(kernel, 1)]
 
 
+def test_two_small_tensors_merge_unless_foreach_is_off() -> None:
+    """One linear layer (the plan runs two small tensors per tensor): merged by default, not
+    with ``foreach=False``, which asks for one step per tensor."""
+    models = [nn.Linear(5, 3).to(DTYPE) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    oracle = MetaOptimize(models[0].parameters(), foreach=False, weight_decay=0.01)
+    opt = MetaOptimize(models[1].parameters(), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(8, 5, generator=generator, dtype=DTYPE)
+        for model, o in zip(models, (oracle, opt), strict=True):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    _assert_equal(models[0], oracle, models[1], opt)
+    assert all(_merged(opt, p) for p in models[1].parameters())
+    assert not any(_merged(oracle, p) for p in models[0].parameters())
+
+
 def test_tensor_blocks_merge_nothing() -> None:
     """Each tensor its own block: no part of two, so every tensor steps on its own."""
     oracle_model, oracle, model, opt = _pair(blocks="tensor", weight_decay=0.01)

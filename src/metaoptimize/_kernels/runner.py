@@ -201,18 +201,20 @@ class KernelRunner:
     ) -> tuple[list[Bucket], list[Merged]]:
         """The buckets with their small CPU tensors merged into flat entries (host scalars).
 
-        The multi-tensor and host-compiled buckets merge theirs (:mod:`.flat`); the others
-        run per tensor by choice. Where the kernels are the optimizer's choice
-        (``chosen_kernels``: ``foreach=None``), a multi-tensor bucket left with fewer than
-        :data:`CPU_FOREACH_MIN_TENSORS` entries runs per tensor, as the plan decides for few
-        tensors: on one merged tensor the per-tensor kernel's fewer passes and temporaries
-        measured 1.4-2.5x faster; with per-weight step sizes 1.7x slower, so those stay.
-        Call :meth:`Merged.scatter` on each part after the kernels.
+        The multi-tensor and host-compiled buckets merge theirs (:mod:`.flat`), and so do the
+        per-tensor ones where the kernels are the optimizer's choice (``chosen_kernels``:
+        ``foreach=None``; ``foreach=False`` asks for one step per tensor). There, too, a
+        multi-tensor bucket left with fewer than :data:`CPU_FOREACH_MIN_TENSORS` entries runs
+        per tensor, as the plan decides for few tensors: on one merged tensor the per-tensor
+        kernel's fewer passes and temporaries measured 1.4-2.5x faster; with per-weight step
+        sizes 1.7x slower, so those stay. Call :meth:`Merged.scatter` on each part after the
+        kernels.
         """
         merged: list[Merged] = []
         planned: list[Bucket] = []
+        mergeable = (FOREACH, HOST_COMPILED, HOST) if chosen_kernels else (FOREACH, HOST_COMPILED)
         for bucket in buckets:
-            if bucket.kernel in (FOREACH, HOST_COMPILED):
+            if bucket.kernel in mergeable:
                 entries, part = self.flat.merge(bucket.entries, by_block=not per_weight)
                 if part is not None:
                     merged.append(part)
