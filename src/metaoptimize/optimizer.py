@@ -152,7 +152,7 @@ class MetaOptimize(Optimizer):
             tensor. Default None: on for CUDA tensors and for CPU tensors of at most 32768
             elements, where the per-tensor kernel's fixed cost dominates (docs/performance.md).
             ``fused=True`` takes precedence for the tensors it supports. On CPU (not with
-            ``foreach=False``) the small tensors of a param group and block, three or more,
+            ``foreach=False``) the small tensors of a param group and block, two or more,
             step as one flat tensor: their state entries become views of one flat buffer per
             key, and two buffers the size of those tensors together hold their gathered
             weights and gradients.
