@@ -44,6 +44,23 @@ def _assert_equal(
     torch.testing.assert_close(flat_step_sizes(opt), flat_step_sizes(oracle), rtol=rtol, atol=0)
 
 
+def _train_against_the_oracle(
+    models: list[nn.Module], input_shape: tuple[int, ...], steps: int
+) -> tuple[MetaOptimize, MetaOptimize]:
+    """Train two equal models, the first per tensor (the oracle), the second by default."""
+    oracle = MetaOptimize(models[0].parameters(), foreach=False, weight_decay=0.01)
+    opt = MetaOptimize(models[1].parameters(), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(input_shape, generator=generator, dtype=DTYPE)
+        for model, o in zip(models, (oracle, opt), strict=True):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    _assert_equal(models[0], oracle, models[1], opt)
+    return oracle, opt
+
+
 def _merged(opt: MetaOptimize, p: Tensor) -> bool:
     """Whether ``p``'s state lives in flat buffers."""
     return opt.state[p]["exp_avg" if "exp_avg" in opt.state[p] else "trace"]._base is not None
@@ -100,16 +117,7 @@ def test_two_small_tensors_merge_unless_foreach_is_off() -> None:
     with ``foreach=False``, which asks for one step per tensor."""
     models = [nn.Linear(5, 3).to(DTYPE) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    oracle = MetaOptimize(models[0].parameters(), foreach=False, weight_decay=0.01)
-    opt = MetaOptimize(models[1].parameters(), weight_decay=0.01)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        x = torch.randn(8, 5, generator=generator, dtype=DTYPE)
-        for model, o in zip(models, (oracle, opt), strict=True):
-            o.zero_grad()
-            model(x).square().mean().backward()
-            o.step()
-    _assert_equal(models[0], oracle, models[1], opt)
+    oracle, opt = _train_against_the_oracle(models, (8, 5), steps=5)
     assert all(_merged(opt, p) for p in models[1].parameters())
     assert not any(_merged(oracle, p) for p in models[0].parameters())
 
@@ -320,15 +328,6 @@ def test_channels_last_and_zero_dim_parameters_merge() -> None:
             return self.out(hidden) * self.temperature
 
     models = [Net(), Net()]
-    oracle = MetaOptimize(models[0].parameters(), foreach=False, weight_decay=0.01)
-    opt = MetaOptimize(models[1].parameters(), weight_decay=0.01)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        x = torch.randn(4, 3, 6, 6, generator=generator, dtype=DTYPE)
-        for model, o in zip(models, (oracle, opt), strict=True):
-            o.zero_grad()
-            model(x).square().mean().backward()
-            o.step()
-    _assert_equal(models[0], oracle, models[1], opt)
+    _, opt = _train_against_the_oracle(models, (4, 3, 6, 6), steps=6)
     assert all(_merged(opt, p) for p in models[1].parameters())
     assert models[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
