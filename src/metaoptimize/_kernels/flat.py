@@ -10,8 +10,8 @@ views are the state dict's entries, and their weights and gradients are gathered
 buffers kept between steps and the weights copied back after the step. The kernels, the
 meta-gradient and the meta step see one :class:`~metaoptimize._types.Entry` per part (one
 param group, block and step count) and run unchanged; everything elementwise is the same
-arithmetic, and sums over a block add in another order (tests/test_flat.py checks the
-per-tensor kernels in float64).
+arithmetic, and sums over a block add in another order (tests/test_flat.py compares with the
+unmerged per-tensor kernel in float64).
 """
 
 from __future__ import annotations
