@@ -8,8 +8,8 @@
   (``fused=True``).
 * :mod:`~metaoptimize._kernels.host_compiled`: ``fused=True`` on CPU for the Adam, AdamW and
   Lion bases: scalars from the host, one compiled call per tensor.
-* :mod:`~metaoptimize._kernels.flat`: on CPU the small tensors of a multi-tensor or
-  host-compiled bucket step as one flat tensor (state in flat buffers), for every kernel.
+* :mod:`~metaoptimize._kernels.flat`: on CPU the small tensors of a bucket (not with
+  ``foreach=False``) step as one flat tensor (state in flat buffers), for every kernel.
 * :mod:`~metaoptimize._kernels.triton`: hand-written Triton kernels for the AdamW and Lion
   bases (``fused=True`` on CUDA).
 """
