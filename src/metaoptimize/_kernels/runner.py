@@ -179,7 +179,10 @@ class KernelRunner:
         if not scalars.per_weight:
             alpha = scalars.alpha_values[entry.block] * group["lr"]
         else:
-            alpha = entry.state["log_alpha"].exp().mul_(group["lr"])
+            weight_alphas = entry.state["log_alpha"].exp()
+            if not is_one(group["lr"]):  # lr 1: exp(β) is α (one pass fewer)
+                weight_alphas.mul_(group["lr"])
+            alpha = weight_alphas
         parameter_step(
             self.base,
             entry.param,
