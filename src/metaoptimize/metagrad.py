@@ -170,10 +170,7 @@ def _block_meta_gradient(
 
 
 def _host_block_meta_gradient(
-    entries: Sequence[Entry],
-    num_blocks: int,
-    traces: tuple[str, ...],
-    dtype: torch.dtype,
+    entries: Sequence[Entry], num_blocks: int, traces: tuple[str, ...], dtype: torch.dtype
 ) -> MetaGradient:
     """:func:`_block_meta_gradient` summed on the host: one read of the dots, no scatter.
 

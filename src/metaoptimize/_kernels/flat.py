@@ -85,8 +85,8 @@ class FlatState:
         for key in keys:
             flat = torch.cat([e.state[key].reshape(-1) for e in entries])
             self.buffers[key] = flat
-            for entry, view in zip(entries, flat.split_with_sizes(self.sizes), strict=True):
-                entry.state[key] = view.view_as(entry.param)
+            for entry, view in zip(entries, _shaped_views(flat, entries, self.sizes), strict=True):
+                entry.state[key] = view
         self.steps: Tensor | None = None
         merged_state: dict[str, Any] = dict(self.buffers)
         if counted:
